@@ -1,0 +1,1 @@
+"""PKCS#11 semantics in Python: slots, tokens, sessions, objects, operations, CK_RV mapping."""

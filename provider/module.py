@@ -1,0 +1,464 @@
+"""The PKCS#11 module in Python terms: every C_* function, with Python values.
+
+provider/entry.py turns C arguments into these calls and results back into C. Here live
+the rules of the standard: initialization, slots, sessions, login, the operation state
+machine and the length-query convention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from grid_backend.secure_element import SecureElement
+from provider import config as config_module
+from provider import logs
+from provider.config import ModuleConfig, SecureElementConfig
+from provider.constants import (
+    CKF_DECRYPT,
+    CKF_DIGEST,
+    CKF_LOGIN_REQUIRED,
+    CKF_RNG,
+    CKF_RW_SESSION,
+    CKF_SERIAL_SESSION,
+    CKF_SIGN,
+    CKF_TOKEN_INITIALIZED,
+    CKF_TOKEN_PRESENT,
+    CKF_USER_PIN_INITIALIZED,
+    CKF_VERIFY,
+    CKO,
+    CKR,
+    CKU_CONTEXT_SPECIFIC,
+    CKU_SO,
+    CKU_USER,
+)
+from provider.mechanisms import MECHANISM_LIST, OFFERED, OfferedMechanism, offered
+from provider.objects import Template, TokenObject
+from provider.operations import (
+    DecryptOperation,
+    DigestOperation,
+    FindOperation,
+    SignOperation,
+    VerifyOperation,
+)
+from provider.return_values import CKRError
+from provider.session import Session
+from provider.token import Token
+
+log = logging.getLogger("p11grid.module")
+
+LIBRARY_VERSION = (0, 1)
+MANUFACTURER = "p11grid"
+MAX_RANDOM = 1 << 20
+
+# What a length-producing call hands back: the bytes, or the length still needed.
+Output = bytes | int
+
+
+def local_element(config: SecureElementConfig) -> SecureElement:
+    """backend = "local": the element is driven inside this process."""
+    if config.driver == "pkcs11":
+        from grid_backend.elements.pkcs11_token import Pkcs11Token
+
+        return Pkcs11Token(config.library, config.token_label, config.environment)
+    raise CKRError(CKR.GENERAL_ERROR, f"no driver {config.driver!r}")
+
+
+@dataclass
+class _Running:
+    """Everything C_Initialize builds and C_Finalize (or a fork) throws away."""
+
+    pid: int
+    config: ModuleConfig
+    tokens: list[Token]
+    sessions: dict[int, Session] = field(default_factory=dict)
+    session_numbers: Any = field(default_factory=lambda: itertools.count(1))
+
+
+def _deliver(result: bytes, capacity: int | None) -> Output:
+    if capacity is None or capacity < len(result):
+        return len(result)
+    return result
+
+
+class Module:
+    def __init__(self, on_initialized: Callable[[bool], None] = lambda _: None) -> None:
+        self._lock = threading.RLock()
+        self._running: _Running | None = None
+        self._on_initialized = on_initialized
+
+    # --- general purpose --------------------------------------------------
+
+    def initialize(self) -> None:
+        with self._lock:
+            running = self._running
+            if running is not None and running.pid == os.getpid():
+                raise CKRError(CKR.CRYPTOKI_ALREADY_INITIALIZED, "C_Initialize called twice")
+            # After fork the parent's state is dropped untouched: its locks and sockets
+            # belong to the parent.
+            self._running = None
+            logs.ensure_default()
+            config = config_module.load()
+            logs.configure(config.log_file, config.log_level)
+            object_numbers = itertools.count(1)
+            allocate = lambda: next(object_numbers)  # noqa: E731
+            tokens = [Token(i, c, local_element, allocate)
+                      for i, c in enumerate(config.secure_elements)]
+            self._running = _Running(os.getpid(), config, tokens)
+            self._on_initialized(True)
+            log.info("initialized from %s: %d slot(s), backend %s", config.path, len(tokens),
+                     config.backend)
+
+    def finalize(self) -> None:
+        with self._lock:
+            running = self._require()
+            self._running = None
+            self._on_initialized(False)
+            for token in running.tokens:
+                try:
+                    token.close()
+                except Exception as exc:
+                    log.warning("token %r did not close cleanly: %s", token.label, exc)
+            log.info("finalized")
+
+    def _require(self) -> _Running:
+        running = self._running
+        if running is None or running.pid != os.getpid():
+            raise CKRError(CKR.CRYPTOKI_NOT_INITIALIZED, "call C_Initialize first")
+        return running
+
+    def info(self) -> dict[str, Any]:
+        self._require()
+        return {"manufacturer": MANUFACTURER, "description": "p11grid PKCS#11 module",
+                "version": LIBRARY_VERSION}
+
+    # --- slots and tokens ---------------------------------------------------
+
+    def slot_list(self) -> list[int]:
+        return [t.slot_id for t in self._require().tokens]
+
+    def token(self, slot_id: int) -> Token:
+        tokens = self._require().tokens
+        if not 0 <= slot_id < len(tokens):
+            raise CKRError(CKR.SLOT_ID_INVALID, f"no slot {slot_id}")
+        return tokens[slot_id]
+
+    def slot_info(self, slot_id: int) -> dict[str, Any]:
+        token = self.token(slot_id)
+        return {"description": f"p11grid secure element {token.label}",
+                "manufacturer": MANUFACTURER, "flags": CKF_TOKEN_PRESENT}
+
+    def token_info(self, slot_id: int) -> dict[str, Any]:
+        token = self.token(slot_id)
+        import zlib
+
+        return {
+            "label": token.label, "manufacturer": MANUFACTURER, "model": "secure element",
+            # Stable and derived from the label: the element is not reached to answer this.
+            "serial": f"{zlib.crc32(token.label.encode()):08x}",
+            "flags": (CKF_RNG | CKF_LOGIN_REQUIRED | CKF_USER_PIN_INITIALIZED
+                      | CKF_TOKEN_INITIALIZED),
+            "sessions": token.session_count, "rw_sessions": token.rw_session_count,
+        }
+
+    def mechanism_list(self, slot_id: int) -> tuple[int, ...]:
+        self.token(slot_id)
+        return MECHANISM_LIST
+
+    def mechanism_info(self, slot_id: int, mechanism: int) -> OfferedMechanism:
+        self.token(slot_id)
+        row = OFFERED.get(mechanism)
+        if row is None:
+            raise CKRError(CKR.MECHANISM_INVALID, f"mechanism 0x{mechanism:x} is not offered")
+        return row
+
+    # --- sessions -----------------------------------------------------------
+
+    def open_session(self, slot_id: int, flags: int) -> int:
+        token = self.token(slot_id)
+        if not flags & CKF_SERIAL_SESSION:
+            raise CKRError(CKR.SESSION_PARALLEL_NOT_SUPPORTED, "CKF_SERIAL_SESSION is required")
+        token.element()  # reach the element now: failures belong to C_OpenSession
+        with self._lock:
+            running = self._require()
+            handle = next(running.session_numbers)
+            read_write = bool(flags & CKF_RW_SESSION)
+            running.sessions[handle] = Session(handle, token, read_write)
+            with token.lock:
+                token.session_count += 1
+                token.rw_session_count += int(read_write)
+        return handle
+
+    def session(self, handle: int) -> Session:
+        session = self._require().sessions.get(handle)
+        if session is None:
+            raise CKRError(CKR.SESSION_HANDLE_INVALID, f"no session {handle}")
+        return session
+
+    def close_session(self, handle: int) -> None:
+        with self._lock:
+            running = self._require()
+            session = running.sessions.pop(handle, None)
+            if session is None:
+                raise CKRError(CKR.SESSION_HANDLE_INVALID, f"no session {handle}")
+            self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        token = session.token
+        with token.lock:
+            token.session_count -= 1
+            token.rw_session_count -= int(session.read_write)
+            # PKCS#11: closing the application's last session logs the user out.
+            if token.session_count == 0 and token.logged_in:
+                token.logout()
+
+    def close_all_sessions(self, slot_id: int) -> None:
+        token = self.token(slot_id)
+        with self._lock:
+            running = self._require()
+            for handle in [h for h, s in running.sessions.items() if s.token is token]:
+                self._forget(running.sessions.pop(handle))
+
+    def login(self, handle: int, user_type: int, pin: bytes | None) -> None:
+        session = self.session(handle)
+        token = session.token
+        if user_type == CKU_SO:
+            raise CKRError(CKR.USER_TYPE_INVALID, "this token has no security officer login")
+        if user_type == CKU_CONTEXT_SPECIFIC:
+            if not token.logged_in:
+                raise CKRError(CKR.USER_NOT_LOGGED_IN, "context-specific login needs a login")
+            raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "no key here needs re-authentication")
+        if user_type != CKU_USER:
+            raise CKRError(CKR.USER_TYPE_INVALID, f"unknown user type {user_type}")
+        if pin is None:
+            raise CKRError(CKR.ARGUMENTS_BAD, "no PIN given (no protected authentication path)")
+        try:
+            text = pin.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CKRError(CKR.PIN_INVALID, "the PIN is not UTF-8") from None
+        with token.lock:
+            if token.logged_in:
+                raise CKRError(CKR.USER_ALREADY_LOGGED_IN, "already logged in")
+            token.login(text)
+
+    def logout(self, handle: int) -> None:
+        token = self.session(handle).token
+        with token.lock:
+            if not token.logged_in:
+                raise CKRError(CKR.USER_NOT_LOGGED_IN, "not logged in")
+            token.logout()
+
+    # --- objects ------------------------------------------------------------
+
+    def object(self, session: Session, handle: int) -> TokenObject:
+        obj = session.token.objects.get(handle)
+        if obj is None or not session.token.visible(obj):
+            raise CKRError(CKR.OBJECT_HANDLE_INVALID, f"no object {handle}")
+        return obj
+
+    def key(self, session: Session, handle: int) -> TokenObject:
+        obj = session.token.objects.get(handle)
+        if obj is None or not session.token.visible(obj):
+            raise CKRError(CKR.KEY_HANDLE_INVALID, f"no key {handle}")
+        if obj.object_class not in (CKO.PRIVATE_KEY, CKO.PUBLIC_KEY):
+            raise CKRError(CKR.KEY_HANDLE_INVALID, f"object {handle} is not a key")
+        return obj
+
+    def find_init(self, handle: int, template: Template) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.find is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, "a search is already active")
+            token = session.token
+            found = [h for h, o in token.objects.items()
+                     if token.visible(o) and o.matches(template)]
+            session.find = FindOperation(sorted(found))
+
+    def find(self, handle: int, count: int) -> list[int]:
+        session = self.session(handle)
+        with session.lock:
+            if session.find is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_FindObjectsInit first")
+            return session.find.take(count)
+
+    def find_final(self, handle: int) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.find is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "no search is active")
+            session.find = None
+
+    # --- signing and verifying ---------------------------------------------
+
+    def sign_init(self, handle: int, mechanism: int, parameters: Any, key_handle: int) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.sign is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, "a signature is already in progress")
+            row = offered(mechanism, CKF_SIGN)
+            key = self.key(session, key_handle)
+            if key.private and not session.token.logged_in:
+                raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
+            session.sign = SignOperation(session.token.element(), key, row, parameters)
+
+    def sign(self, handle: int, data: bytes, capacity: int | None) -> Output:
+        session = self.session(handle)
+        with session.lock:
+            op = session.sign
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
+            if capacity is None or capacity < op.length:
+                return op.length  # answered without signing
+            session.sign = None  # ends here, whatever the outcome
+            if op.multi_part:
+                raise CKRError(CKR.OPERATION_ACTIVE, "C_Sign cannot finish a multi-part sign")
+            op.update(data)
+            return op.final()
+
+    def sign_update(self, handle: int, part: bytes) -> None:
+        session = self.session(handle)
+        with session.lock:
+            op = session.sign
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
+            try:
+                op.update(part)
+            except BaseException:
+                session.sign = None
+                raise
+
+    def sign_final(self, handle: int, capacity: int | None) -> Output:
+        session = self.session(handle)
+        with session.lock:
+            op = session.sign
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
+            if capacity is None or capacity < op.length:
+                return op.length
+            session.sign = None
+            return op.final()
+
+    def verify_init(self, handle: int, mechanism: int, parameters: Any,
+                    key_handle: int) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.verify is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, "a verification is already in progress")
+            row = offered(mechanism, CKF_VERIFY)
+            session.verify = VerifyOperation(self.key(session, key_handle), row, parameters)
+
+    def verify(self, handle: int, data: bytes, signature: bytes) -> None:
+        session = self.session(handle)
+        with session.lock:
+            op = session.verify
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
+            session.verify = None
+            op.update(data)
+            op.final(signature)
+
+    def verify_update(self, handle: int, part: bytes) -> None:
+        session = self.session(handle)
+        with session.lock:
+            op = session.verify
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
+            try:
+                op.update(part)
+            except BaseException:
+                session.verify = None
+                raise
+
+    def verify_final(self, handle: int, signature: bytes) -> None:
+        session = self.session(handle)
+        with session.lock:
+            op = session.verify
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
+            session.verify = None
+            op.final(signature)
+
+    # --- decryption ---------------------------------------------------------
+
+    def decrypt_init(self, handle: int, mechanism: int, parameters: Any,
+                     key_handle: int) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.decrypt is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, "a decryption is already in progress")
+            row = offered(mechanism, CKF_DECRYPT)
+            key = self.key(session, key_handle)
+            if key.private and not session.token.logged_in:
+                raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
+            session.decrypt = DecryptOperation(session.token.element(), key, row, parameters)
+
+    def decrypt(self, handle: int, ciphertext: bytes, capacity: int | None) -> Output:
+        session = self.session(handle)
+        with session.lock:
+            op = session.decrypt
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DecryptInit first")
+            try:
+                # The plaintext length is known only after decrypting; the result is kept
+                # so that the call after a length query does not decrypt again.
+                result = op.decrypt(ciphertext)
+            except BaseException:
+                session.decrypt = None
+                raise
+            out = _deliver(result, capacity)
+            if not isinstance(out, int):
+                session.decrypt = None
+            return out
+
+    # --- digesting and random ---------------------------------------------
+
+    def digest_init(self, handle: int, mechanism: int) -> None:
+        session = self.session(handle)
+        with session.lock:
+            if session.digest is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, "a digest is already in progress")
+            session.digest = DigestOperation(offered(mechanism, CKF_DIGEST))
+
+    def digest(self, handle: int, data: bytes, capacity: int | None) -> Output:
+        session = self.session(handle)
+        with session.lock:
+            op = session.digest
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+            if capacity is None or capacity < op.length:
+                return op.length
+            session.digest = None
+            if op.multi_part:
+                raise CKRError(CKR.OPERATION_ACTIVE, "C_Digest cannot finish a multi-part digest")
+            op.update(data)
+            return op.final()
+
+    def digest_update(self, handle: int, part: bytes) -> None:
+        session = self.session(handle)
+        with session.lock:
+            op = session.digest
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+            op.update(part)
+
+    def digest_final(self, handle: int, capacity: int | None) -> Output:
+        session = self.session(handle)
+        with session.lock:
+            op = session.digest
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+            if capacity is None or capacity < op.length:
+                return op.length
+            session.digest = None
+            return op.final()
+
+    def generate_random(self, handle: int, length: int) -> bytes:
+        session = self.session(handle)
+        if length > MAX_RANDOM:
+            raise CKRError(CKR.DATA_LEN_RANGE, f"at most {MAX_RANDOM} random bytes per call")
+        return session.token.element().random(length)

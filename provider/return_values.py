@@ -1,0 +1,64 @@
+"""The one place where a failure becomes a CK_RV.
+
+Code inside the provider raises `CKRError` when PKCS#11 names the answer directly
+(CKR_SESSION_HANDLE_INVALID...). Everything else (a secure element's refusal, a broken
+config, a bug) is mapped here by `FAILURES`, first match wins. docs/return-values.md
+lists what each CK_RV means for an operator.
+"""
+
+from __future__ import annotations
+
+from grid_backend.secure_element import (
+    ElementAbsent,
+    ElementFailure,
+    InputRefused,
+    KeyRefused,
+    MechanismRefused,
+    NotLoggedIn,
+    PinIncorrect,
+    PinInvalid,
+    PinLocked,
+)
+from provider.constants import CKR
+
+
+class CKRError(Exception):
+    """A PKCS#11 answer other than CKR_OK, with the reason for the log."""
+
+    def __init__(self, rv: CKR, reason: str = "") -> None:
+        super().__init__(reason or rv.name)
+        self.rv = rv
+        self.reason = reason or rv.name
+
+
+class ConfigError(Exception):
+    """The module configuration is missing, unreadable or invalid. Message names the fix."""
+
+
+# (failure type, CK_RV, expected?) expected failures are logged without a traceback.
+FAILURES: tuple[tuple[type[BaseException], CKR, bool], ...] = (
+    (PinIncorrect, CKR.PIN_INCORRECT, True),
+    (PinLocked, CKR.PIN_LOCKED, True),
+    (PinInvalid, CKR.PIN_LEN_RANGE, True),
+    (NotLoggedIn, CKR.USER_NOT_LOGGED_IN, True),
+    (MechanismRefused, CKR.MECHANISM_INVALID, True),
+    (InputRefused, CKR.DATA_INVALID, True),
+    (KeyRefused, CKR.KEY_FUNCTION_NOT_PERMITTED, True),
+    (ElementAbsent, CKR.TOKEN_NOT_PRESENT, True),
+    (ElementFailure, CKR.DEVICE_ERROR, True),
+    (ConfigError, CKR.GENERAL_ERROR, True),
+    (MemoryError, CKR.HOST_MEMORY, False),
+    (BaseException, CKR.GENERAL_ERROR, False),
+)
+
+
+def classify(failure: BaseException) -> tuple[CKR, str, bool]:
+    """CK_RV, a loggable reason and whether the failure was expected."""
+    if isinstance(failure, CKRError):
+        return failure.rv, failure.reason, True
+    for kind, rv, expected in FAILURES:
+        if isinstance(failure, kind):
+            text = str(failure)
+            reason = f"{type(failure).__name__}: {text}" if text else type(failure).__name__
+            return rv, reason, expected
+    raise AssertionError("unreachable: BaseException matches everything")
