@@ -58,9 +58,13 @@ typedef struct {
 typedef struct {
     CK_SLOT_ID slotID; CK_ULONG state; CK_FLAGS flags; CK_ULONG ulDeviceError;
 } CK_SESSION_INFO;
-typedef struct { CK_ULONG ulMinKeySize; CK_ULONG ulMaxKeySize; CK_FLAGS flags; } CK_MECHANISM_INFO;
+typedef struct {
+    CK_ULONG ulMinKeySize; CK_ULONG ulMaxKeySize; CK_FLAGS flags;
+} CK_MECHANISM_INFO;
 typedef struct { CK_ATTRIBUTE_TYPE type; void *pValue; CK_ULONG ulValueLen; } CK_ATTRIBUTE;
-typedef struct { CK_MECHANISM_TYPE mechanism; void *pParameter; CK_ULONG ulParameterLen; } CK_MECHANISM;
+typedef struct {
+    CK_MECHANISM_TYPE mechanism; void *pParameter; CK_ULONG ulParameterLen;
+} CK_MECHANISM;
 typedef struct { CK_MECHANISM_TYPE hashAlg; CK_ULONG mgf; CK_ULONG sLen; } CK_RSA_PKCS_PSS_PARAMS;
 typedef struct {
     CK_MECHANISM_TYPE hashAlg; CK_ULONG mgf; CK_ULONG source;
@@ -102,7 +106,8 @@ SERVED = [
     ("C_FindObjects", "CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE *phObject, "
                       "CK_ULONG ulMaxObjectCount, CK_ULONG *pulObjectCount"),
     ("C_FindObjectsFinal", "CK_SESSION_HANDLE hSession"),
-    ("C_DecryptInit", "CK_SESSION_HANDLE hSession, CK_MECHANISM *pMechanism, CK_OBJECT_HANDLE hKey"),
+    ("C_DecryptInit",
+     "CK_SESSION_HANDLE hSession, CK_MECHANISM *pMechanism, CK_OBJECT_HANDLE hKey"),
     ("C_Decrypt", "CK_SESSION_HANDLE hSession, CK_BYTE *pEncryptedData, "
                   "CK_ULONG ulEncryptedDataLen, CK_BYTE *pData, CK_ULONG *pulDataLen"),
     ("C_DigestInit", "CK_SESSION_HANDLE hSession, CK_MECHANISM *pMechanism"),
@@ -192,7 +197,9 @@ def main() -> int:
     ffi.embedding_api(embedding_api())
     ffi.set_source(
         MODULE_NAME,
-        "#include <p11-kit/pkcs11.h>\nint p11grid_native_owns_interpreter(void);\nvoid p11grid_native_set_initialized(int initialized);\n",
+        "#include <p11-kit/pkcs11.h>\n"
+        "int p11grid_native_owns_interpreter(void);\n"
+        "void p11grid_native_set_initialized(int initialized);\n",
         include_dirs=[str(P11KIT_INCLUDE), str(NATIVE)],
         extra_objects=[str(obj)],
         extra_link_args=[f"-Wl,--version-script={NATIVE / 'exports.map'}", "-ldl",

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from grid_backend.secure_element import OaepParameters, PssParameters
-from provider.constants import CK_UNAVAILABLE_INFORMATION, CKF_OS_LOCKING_OK, CKR, CKZ_DATA_SPECIFIED
+from provider.constants import (
+    CK_UNAVAILABLE_INFORMATION,
+    CKF_OS_LOCKING_OK,
+    CKR,
+    CKZ_DATA_SPECIFIED,
+)
 from provider.mechanisms import OFFERED, Scheme
 from provider.module import Module, Output
 from provider.objects import normalize_template_value
@@ -48,12 +53,16 @@ def install(ffi: Any, lib: Any) -> Module:
             def callback(*args: Any) -> int:
                 try:
                     return body(*args)
-                except BaseException as failure:  # noqa: BLE001 - nothing may cross into C
+                except BaseException as failure:
                     rv, reason, expected = classify(failure)
-                    if expected:
-                        log.info("%s -> CKR_%s: %s", name, rv.name, reason)
-                    else:
-                        log.error("%s -> CKR_%s: %s", name, rv.name, reason, exc_info=failure)
+                    try:
+                        if expected:
+                            log.info("%s -> CKR_%s: %s", name, rv.name, reason)
+                        else:
+                            log.error("%s -> CKR_%s: %s", name, rv.name, reason,
+                                      exc_info=failure)
+                    except Exception:
+                        pass
                     return int(rv)
 
             ffi.def_extern(name=f"p11grid_py_{name}", error=int(CKR.GENERAL_ERROR))(callback)

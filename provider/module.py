@@ -77,7 +77,10 @@ class _Running:
     config: ModuleConfig
     tokens: list[Token]
     sessions: dict[int, Session] = field(default_factory=dict)
-    session_numbers: Any = field(default_factory=lambda: itertools.count(1))
+    # Numbered from a per-process base, so that a forked child's sessions never carry
+    # the numbers of its parent's.
+    session_numbers: Any = field(
+        default_factory=lambda: itertools.count(((os.getpid() & 0x7FFF) << 16) + 1))
 
 
 def _deliver(result: bytes, capacity: int | None) -> Output:

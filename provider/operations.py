@@ -14,7 +14,7 @@ from grid_backend.secure_element import (
     PssParameters,
     SecureElement,
 )
-from provider.constants import CKA, CKG, CKK, CKM, CKO, CKR, CK_TRUE
+from provider.constants import CK_TRUE, CKA, CKG, CKK, CKM, CKO, CKR
 from provider.mechanisms import (
     HASH_BY_SIZE,
     HASHES,
@@ -214,20 +214,27 @@ class DecryptOperation:
         element, eo = self.element, self.key.element_object
         mechanisms = element.mechanisms()
         try:
+            # Raw RSA plus decoding here is preferred to the element's own padding: one
+            # constant-time decoder, and the same CK_RV for a bad block on every element
+            # (SoftHSM2 answers CKR_GENERAL_ERROR for a bad OAEP block).
+            raw = CKM.RSA_X_509 in mechanisms
             if self.row.scheme == Scheme.PKCS1:
-                if CKM.RSA_PKCS in mechanisms:
-                    self.result = element.decrypt(eo, CKM.RSA_PKCS, None, ciphertext)
-                else:
+                if raw:
                     block = element.decrypt(eo, CKM.RSA_X_509, None, ciphertext)
                     self.result = pkcs1_v15_decode(block, self.length)
+                else:
+                    self.result = element.decrypt(eo, CKM.RSA_PKCS, None, ciphertext)
             else:
                 p = self.parameters
-                if _oaep_in_element(p) and CKM.RSA_PKCS_OAEP in mechanisms:
-                    self.result = element.decrypt(eo, CKM.RSA_PKCS_OAEP, p, ciphertext)
-                else:
+                if raw:
                     block = element.decrypt(eo, CKM.RSA_X_509, None, ciphertext)
                     self.result = oaep_decode(block, self.length, p.hash_mechanism,
                                               MGF1_HASH[p.mgf], p.label)
+                elif _oaep_in_element(p):
+                    self.result = element.decrypt(eo, CKM.RSA_PKCS_OAEP, p, ciphertext)
+                else:
+                    raise CKRError(CKR.MECHANISM_PARAM_INVALID,
+                                   "the element does only SHA-1 OAEP without a label")
         except InputRefused:
             raise CKRError(CKR.ENCRYPTED_DATA_INVALID, "the element refused the ciphertext") \
                 from None

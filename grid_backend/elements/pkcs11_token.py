@@ -1,18 +1,22 @@
 """A secure element that is a PKCS#11 token, driven through python-pkcs11 (SoftHSM2 in tests).
 
-SoftHSM2 2.6.1 is not thread-safe when C_Initialize gets NULL arguments, and python-pkcs11
-passes NULL, so every call into one library is serialized by that library's lock. The
-lock is taken with the GIL released (python-pkcs11 drops it around each C call).
+SoftHSM2 2.6.1 is not thread-safe when C_Initialize gets NULL arguments, which is what
+python-pkcs11 passes. So the library is initialized here first, with CKF_OS_LOCKING_OK;
+python-pkcs11's own C_Initialize then finds it initialized. Only when that fails (someone
+else in this process initialized the library first, with unknown arguments) is every call
+into the library serialized by one lock. Concurrent operations each take a session of
+their own from a small pool: a PKCS#11 session runs one operation at a time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import pkcs11
 import pkcs11._pkcs11
@@ -96,10 +100,54 @@ class _LenientLib(pkcs11._pkcs11.lib):  # type: ignore[misc]
             log.info("%s was already initialized in this process; sharing it", self.so)
 
 
+CKF_OS_LOCKING_OK = 0x2
+CKR_OK = 0x0
+
+
+class _Version(ctypes.Structure):
+    _fields_ = (("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte))
+
+
+class _FunctionListHead(ctypes.Structure):
+    # Only the first entry of CK_FUNCTION_LIST is needed.
+    _fields_ = (("version", _Version),
+                ("C_Initialize", ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)))
+
+
+class _InitializeArgs(ctypes.Structure):
+    _fields_ = (("CreateMutex", ctypes.c_void_p), ("DestroyMutex", ctypes.c_void_p),
+                ("LockMutex", ctypes.c_void_p), ("UnlockMutex", ctypes.c_void_p),
+                ("flags", ctypes.c_ulong), ("pReserved", ctypes.c_void_p))
+
+
+def _initialize_with_os_locking(path: str) -> bool:
+    """C_Initialize(CKF_OS_LOCKING_OK) on the library; True if that made it thread-safe."""
+    try:
+        library = ctypes.CDLL(path)
+        get_list = library.C_GetFunctionList
+    except (OSError, AttributeError) as exc:
+        raise ElementAbsent(f"cannot load the PKCS#11 library {path}: {exc}") from exc
+    get_list.argtypes = (ctypes.POINTER(ctypes.POINTER(_FunctionListHead)),)
+    get_list.restype = ctypes.c_ulong
+    functions = ctypes.POINTER(_FunctionListHead)()
+    if get_list(ctypes.byref(functions)) != CKR_OK or not functions:
+        raise ElementFailure(f"{path}: C_GetFunctionList failed")
+    arguments = _InitializeArgs(flags=CKF_OS_LOCKING_OK)
+    rv = functions.contents.C_Initialize(ctypes.cast(ctypes.pointer(arguments), ctypes.c_void_p))
+    if rv != CKR_OK:
+        log.info("%s: C_Initialize with OS locking answered 0x%x; calls will be serialized",
+                 path, rv)
+    return bool(rv == CKR_OK)
+
+
 @dataclass
 class _LoadedLibrary:
     lib: pkcs11._pkcs11.lib
-    lock: threading.Lock
+    thread_safe: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def serialized(self) -> threading.Lock | nullcontext[None]:
+        return nullcontext() if self.thread_safe else self.lock
 
 
 _libraries: dict[tuple[int, str], _LoadedLibrary] = {}
@@ -107,19 +155,30 @@ _libraries_lock = threading.Lock()
 
 
 def _load_library(path: str) -> _LoadedLibrary:
-    # Keyed by pid: a forked child must C_Initialize its own copy of the library.
+    # Keyed by pid: a forked child must C_Initialize its own copy of the library. The
+    # library stays initialized for the life of the process; tokens come and go.
     key = (os.getpid(), path)
     with _libraries_lock:
         loaded = _libraries.get(key)
         if loaded is None:
             if not os.path.exists(path):
                 raise ElementAbsent(f"PKCS#11 library {path} does not exist")
+            thread_safe = _initialize_with_os_locking(path)
             try:
-                loaded = _LoadedLibrary(_LenientLib(path), threading.Lock())
+                loaded = _LoadedLibrary(_LenientLib(path), thread_safe)
             except p11x.PKCS11Error as exc:
                 raise ElementFailure(f"loading {path} failed: {type(exc).__name__}") from exc
             _libraries[key] = loaded
         return loaded
+
+
+@dataclass
+class _Worker:
+    """One session on the token and its objects by handle, for one operation at a time."""
+
+    session: pkcs11.Session
+    objects: dict[int, pkcs11.Object]
+    generation: int
 
 
 def _element_error(exc: Exception) -> ElementError:
@@ -132,6 +191,8 @@ def _element_error(exc: Exception) -> ElementError:
 class Pkcs11Token:
     """The token labelled `token_label` inside the PKCS#11 library at `library`."""
 
+    MAX_IDLE_SESSIONS = 8
+
     def __init__(self, library: str, token_label: str,
                  environment: dict[str, str] | None = None) -> None:
         self.library = library
@@ -139,16 +200,18 @@ class Pkcs11Token:
         self.environment = dict(environment or {})
         self._loaded: _LoadedLibrary | None = None
         self._token: pkcs11.Token | None = None
-        self._session: pkcs11.Session | None = None
+        self._session: pkcs11.Session | None = None  # holds the login; lists objects
         self._logged_in = False
         self._mechanisms: frozenset[int] = frozenset()
+        self._idle: list[_Worker] = []
+        self._generation = 0  # bumped at login/logout/close: older workers are dropped
 
     @contextmanager
     def _calling(self) -> Iterator[None]:
-        """Serialize calls into the library and speak only ElementError."""
+        """Serialize where the library needs it, and speak only ElementError."""
         if self._loaded is None or self._session is None:
             raise ElementAbsent(f"token {self.token_label!r} is not open")
-        with self._loaded.lock:
+        with self._loaded.serialized():
             try:
                 yield
             except ElementError:
@@ -162,7 +225,7 @@ class Pkcs11Token:
         # The element's own settings (e.g. SOFTHSM2_CONF) must be set before it loads.
         os.environ.update(self.environment)
         loaded = _load_library(self.library)
-        with loaded.lock:
+        with loaded.serialized():
             try:
                 token = loaded.lib.get_token(token_label=self.token_label)
                 session = token.open(rw=False)
@@ -179,10 +242,20 @@ class Pkcs11Token:
         self._mechanisms = mechanisms
         self._logged_in = False
 
+    def _drop_workers(self) -> None:
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        for worker in idle:
+            try:
+                worker.session.close()
+            except p11x.PKCS11Error:
+                pass  # the session may already be gone with the login
+
     def close(self) -> None:
         session, self._session = self._session, None
         if session is not None and self._loaded is not None:
-            with self._loaded.lock:
+            with self._loaded.serialized():
+                self._drop_workers()
                 try:
                     session.close()
                 except p11x.PKCS11Error as exc:
@@ -219,36 +292,36 @@ class Pkcs11Token:
 
         for attribute in _COMMON:
             read(attribute)
-        object_class = obj.object_class
-        for attribute in _BY_CLASS.get(int(object_class), ()):
+        for attribute in _BY_CLASS.get(int(obj.object_class), ()):
             read(attribute)
         if Attribute.KEY_TYPE in attributes:
-            key_type = int(obj[Attribute.KEY_TYPE])
-            for attribute in _BY_KEY_TYPE.get(key_type, ()):
+            for attribute in _BY_KEY_TYPE.get(int(obj[Attribute.KEY_TYPE]), ()):
                 read(attribute)
-        return ElementObject(ref=obj, attributes=attributes)
+        # Token objects keep their handle across sessions: the handle names the object.
+        return ElementObject(ref=int(obj.handle), attributes=attributes)
 
-    def _objects(self) -> list[ElementObject]:
+    def _objects(self, private: bool) -> list[ElementObject]:
         assert self._session is not None
-        return [self._read(obj) for obj in self._session.get_objects()]
+        wanted = b"\x01" if private else b"\x00"
+        return [o for o in (self._read(obj) for obj in self._session.get_objects())
+                if o.attributes.get(Attribute.PRIVATE, b"\x00") == wanted]
 
     def public_objects(self) -> list[ElementObject]:
         with self._calling():
-            return [o for o in self._objects()
-                    if o.attributes.get(Attribute.PRIVATE) != b"\x01"]
+            return self._objects(private=False)
 
     def private_objects(self) -> list[ElementObject]:
         with self._calling():
             if not self._logged_in:
                 raise NotLoggedIn("log in before listing private objects")
-            return [o for o in self._objects()
-                    if o.attributes.get(Attribute.PRIVATE) == b"\x01"]
+            return self._objects(private=True)
 
     def login(self, pin: str) -> None:
         with self._calling():
             assert self._token is not None and self._session is not None
             logged_in = self._token.open(rw=False, user_pin=pin)
             # Login state is per application; the public session goes, the user one stays.
+            self._drop_workers()
             self._session.close()
             self._session = logged_in
             self._logged_in = True
@@ -257,9 +330,38 @@ class Pkcs11Token:
         with self._calling():
             assert self._token is not None and self._session is not None
             if self._logged_in:
+                self._drop_workers()
                 self._session.close()  # C_Logout + C_CloseSession
                 self._logged_in = False
                 self._session = self._token.open(rw=False)
+
+    @contextmanager
+    def _worker(self) -> Iterator[_Worker]:
+        """A session of our own for one operation; returned to the pool afterwards."""
+        try:
+            worker = self._idle.pop()  # atomic under the GIL
+        except IndexError:
+            assert self._token is not None
+            session = self._token.open(rw=False)
+            worker = _Worker(session, {int(o.handle): o for o in session.get_objects()},
+                             self._generation)
+        try:
+            yield worker
+        finally:
+            if worker.generation == self._generation and \
+                    len(self._idle) < self.MAX_IDLE_SESSIONS:
+                self._idle.append(worker)
+            else:
+                try:
+                    worker.session.close()
+                except p11x.PKCS11Error:
+                    pass
+
+    def _key(self, worker: _Worker, key: ElementObject) -> pkcs11.Object:
+        obj = worker.objects.get(key.ref)  # type: ignore[call-overload]
+        if obj is None:
+            raise KeyRefused("the key is not visible to this session (logged out?)")
+        return obj
 
     @staticmethod
     def _parameter(parameters: MechanismParameters) -> object:
@@ -275,19 +377,20 @@ class Pkcs11Token:
 
     def sign(self, key: ElementObject, mechanism: int, parameters: MechanismParameters,
              data: bytes) -> bytes:
-        with self._calling():
-            return bytes(key.ref.sign(data, mechanism=Mechanism(mechanism),  # type: ignore[attr-defined]
-                                      mechanism_param=self._parameter(parameters)))
+        with self._calling(), self._worker() as worker:
+            return bytes(self._key(worker, key).sign(
+                data, mechanism=Mechanism(mechanism),
+                mechanism_param=self._parameter(parameters)))
 
     def decrypt(self, key: ElementObject, mechanism: int, parameters: MechanismParameters,
                 data: bytes) -> bytes:
-        with self._calling():
-            return bytes(key.ref.decrypt(data, mechanism=Mechanism(mechanism),  # type: ignore[attr-defined]
-                                         mechanism_param=self._parameter(parameters)))
+        with self._calling(), self._worker() as worker:
+            return bytes(self._key(worker, key).decrypt(
+                data, mechanism=Mechanism(mechanism),
+                mechanism_param=self._parameter(parameters)))
 
     def random(self, length: int) -> bytes:
         if length == 0:
             return b""
-        with self._calling():
-            assert self._session is not None
-            return bytes(self._session.generate_random(length * 8))
+        with self._calling(), self._worker() as worker:
+            return bytes(worker.session.generate_random(length * 8))

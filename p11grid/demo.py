@@ -1,0 +1,307 @@
+"""`make demo`: nginx serves TLS 1.2 and 1.3 with keys that never leave the secure element.
+
+Steps: build a sandbox; sign through our module with the OpenSSL CLI (libp11 engine) and
+check the signatures against the certificates; start nginx with both keys; fetch pages
+with curl, which verifies the server against the sandbox CA; stop everything. Exits
+non-zero with the reason and the tails of nginx's and the module's logs on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+from p11grid import nginx, paths, sandbox
+
+OK = "✓"
+FAILED = "✗"
+TLS_VERSIONS: dict[str, list[str]] = {
+    "TLSv1.2": ["--tlsv1.2", "--tls-max", "1.2"],
+    "TLSv1.3": ["--tlsv1.3"],
+}
+CURL_TIMEOUT_SECONDS = 30
+OPENSSL_TIMEOUT_SECONDS = 60
+CLIENT_HANDSHAKE = re.compile(r"SSL connection using (\S+) / (\S+)")
+SERVER_ANSWER = re.compile(r"key=(\S+) protocol=(\S+) cipher=(\S+)")
+
+
+def _say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class Tally:
+    """What passed and what failed, with the reasons."""
+
+    passed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def check(self, ok: bool, line: str, reason: str = "") -> bool:
+        if ok:
+            self.passed += 1
+            _say(f"  {OK} {line}")
+        else:
+            self.failures.append(f"{line}: {reason}" if reason else line)
+            _say(f"  {FAILED} {line}" + (f"\n      {reason}" if reason else ""))
+        return ok
+
+
+def _client_environment() -> dict[str, str]:
+    # curl and the checks must not load our engine: they play the remote peer.
+    return {k: v for k, v in os.environ.items() if k not in {"OPENSSL_CONF", "P11GRID_CONF"}}
+
+
+def _verify_signature(certificate_pem: Path, digest: bytes, signature: bytes) -> str:
+    """'' if the signature over the SHA-256 digest verifies with the certificate's key."""
+    public_key = x509.load_pem_x509_certificate(certificate_pem.read_bytes()).public_key()
+    try:
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(signature, digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        elif isinstance(public_key, ec.EllipticCurvePublicKey):
+            public_key.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+        else:
+            return f"unexpected key type {type(public_key).__name__}"
+    except InvalidSignature:
+        return "the signature does not verify with the certificate's public key"
+    return ""
+
+
+def check_openssl_signing(
+    box: sandbox.Sandbox, variables: dict[str, str], openssl_conf: Path, tally: Tally
+) -> None:
+    """The OpenSSL CLI signs through the engine; the certificate's public key verifies it."""
+    message = b"p11grid demo: signed inside the secure element\n"
+    digest = hashlib.sha256(message).digest()
+    digest_file = box.directory / "demo-digest.bin"
+    digest_file.write_bytes(digest)
+    environment = {
+        **os.environ,
+        "OPENSSL_CONF": str(openssl_conf),
+        "P11GRID_CONF": variables["P11GRID_CONF"],
+        "SOFTHSM2_CONF": variables["SOFTHSM2_CONF"],
+    }
+    for label, uri in (("vm-rsa", variables["P11GRID_RSA_URI"]),
+                       ("vm-ec", variables["P11GRID_EC_URI"])):  # fmt: skip
+        command = [
+            "openssl", "pkeyutl", "-engine", "pkcs11", "-keyform", "engine",
+            "-inkey", uri, "-sign", "-in", str(digest_file),
+        ]  # fmt: skip
+        if label == "vm-rsa":
+            command += ["-pkeyopt", "digest:sha256"]  # PKCS#1 v1.5 with a DigestInfo
+        what = f"openssl pkeyutl -sign with {uri}"
+        try:
+            result = subprocess.run(
+                command, env=environment, capture_output=True, timeout=OPENSSL_TIMEOUT_SECONDS
+            )
+        except subprocess.TimeoutExpired:
+            tally.check(False, what, f"no answer within {OPENSSL_TIMEOUT_SECONDS} s")
+            continue
+        if result.returncode != 0 or not result.stdout:
+            reason = result.stderr.decode(errors="replace").strip().splitlines()
+            tally.check(False, what, " | ".join(reason[-4:]) or f"exit {result.returncode}")
+            continue
+        problem = _verify_signature(box.certificate(label), digest, result.stdout)
+        tally.check(
+            not problem,
+            f"{label}: {len(result.stdout)}-byte signature from the token verifies "
+            f"with {box.certificate(label).name}",
+            problem,
+        )
+
+
+def fetch(
+    server: nginx.NginxServer, label: str, tls_version: str, ca_file: Path
+) -> tuple[bool, str]:
+    """One HTTPS request with curl; (ok, what was negotiated or why it failed)."""
+    port = server.ports[label]
+    command = [
+        "curl", "--silent", "--show-error", "--verbose",
+        "--max-time", str(CURL_TIMEOUT_SECONDS),
+        "--cacert", str(ca_file),
+        "--resolve", f"localhost:{port}:127.0.0.1",
+        *TLS_VERSIONS[tls_version],
+        "--write-out", "\nhttp=%{http_code} verify=%{ssl_verify_result} "
+                       "handshake=%{time_appconnect}s",
+        server.url(label),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command,
+            env=_client_environment(),
+            capture_output=True,
+            text=True,
+            timeout=CURL_TIMEOUT_SECONDS + 5,
+        )
+    except subprocess.TimeoutExpired:
+        return False, "curl did not finish in time"
+    if result.returncode != 0:
+        errors = [line for line in result.stderr.splitlines() if line.startswith("curl:")]
+        return False, (errors[-1] if errors else f"curl exit {result.returncode}")
+    answer = SERVER_ANSWER.search(result.stdout)
+    client = CLIENT_HANDSHAKE.search(result.stderr)
+    status = result.stdout.strip().splitlines()[-1]
+    if not answer or "http=200" not in status or "verify=0" not in status:
+        return False, f"unexpected answer {result.stdout.strip()!r}"
+    served_key, protocol, cipher = answer.groups()
+    if served_key != label or protocol != tls_version:
+        return False, f"server used key {served_key} over {protocol}, expected {label}"
+    if client and client.group(1) != protocol:
+        return False, f"curl saw {client.group(1)} but nginx saw {protocol}"
+    handshake = status.split("handshake=")[-1]
+    return True, f"{protocol} {cipher} (handshake {handshake})"
+
+
+def check_tls(server: nginx.NginxServer, ca_file: Path, requests: int, tally: Tally) -> None:
+    for label in server.ports:
+        for tls_version in TLS_VERSIONS:
+            outcomes = [fetch(server, label, tls_version, ca_file) for _ in range(requests)]
+            failed = [detail for ok, detail in outcomes if not ok]
+            detail = outcomes[-1][1] if not failed else failed[0]
+            tally.check(
+                not failed,
+                f"{label} {tls_version}: {requests - len(failed)}/{requests} requests to "
+                f"{server.url(label)} verified by the sandbox CA"
+                + (f", {detail}" if not failed else ""),
+                detail if failed else "",
+            )
+
+
+def check_module_in_nginx(
+    server: nginx.NginxServer, workers: list[int], module_log: Path, tally: Tally
+) -> None:
+    """Our module's log names the processes that loaded it: nginx's master and workers."""
+    try:
+        text = module_log.read_text(errors="replace")
+    except OSError:
+        _say(f"  note: {module_log} does not exist; cannot tell which processes used the module")
+        return
+    seen = {int(pid) for pid in re.findall(r"\[(\d+)\]", text)}
+    used = [pid for pid in workers if pid in seen]
+    if server.pid in seen and used:
+        tally.check(
+            True,
+            f"{module_log.name}: the module ran in nginx's master (pid {server.pid}) and in "
+            f"{len(used)} of {len(workers)} workers after fork (pids {', '.join(map(str, used))})",
+        )
+    else:
+        _say(f"  note: {module_log.name} names none of nginx's pids ({server.pid}, {workers})")
+
+
+def _run_sandbox_command(action: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    # A separate process, exactly as an operator runs it.
+    result = subprocess.run(
+        [sys.executable, "-m", "p11grid", "sandbox", action, str(directory)],
+        capture_output=True,
+        text=True,
+        env=_client_environment(),
+        timeout=300,
+    )
+    for line in (result.stdout + result.stderr).splitlines():
+        _say(f"    {line}")
+    return result
+
+
+def _print_logs(box: sandbox.Sandbox) -> None:
+    error_log = box.directory / "nginx" / "error.log"
+    for title, path in (("nginx error log", error_log), ("p11grid log", box.module_log)):
+        _say(f"--- {title}: {path} (last lines) ---")
+        _say(nginx.tail(path, 25))
+
+
+def run(requests: int, direct: bool, keep: bool) -> int:
+    tally = Tally()
+    directory = Path(tempfile.mkdtemp(prefix="p11grid-demo-"))
+    box = sandbox.Sandbox(directory)
+    server: nginx.NginxServer | None = None
+    through = "SoftHSM2 directly (--direct)" if direct else f"our module {paths.MODULE_PATH}"
+    _say("p11grid demo: nginx serves TLS with keys that never leave the secure element")
+    _say(f"  keys reached through {through}")
+    try:
+        _say("\n[1/4] p11grid sandbox up")
+        created = _run_sandbox_command("up", directory)
+        if not tally.check(created.returncode == 0, f"sandbox ready in {directory}",
+                           "p11grid sandbox up failed (see above)"):  # fmt: skip
+            return 1
+        variables = box.env()
+        openssl_conf = box.direct_openssl_conf if direct else box.openssl_conf
+        if not direct and not paths.MODULE_PATH.exists():
+            tally.check(False, f"{paths.MODULE_PATH} exists", "not built: run `make install`")
+            return 1
+
+        _say("\n[2/4] OpenSSL CLI signs through the libp11 engine")
+        check_openssl_signing(box, variables, openssl_conf, tally)
+
+        _say("\n[3/4] nginx: 2 workers, one HTTPS port per key")
+        try:
+            server = nginx.start(directory, openssl_conf=openssl_conf)
+        except nginx.NginxError as error:
+            tally.check(False, "nginx started", str(error).splitlines()[0])
+            return 1
+        tally.check(
+            True,
+            f"nginx started (master pid {server.pid}): "
+            + ", ".join(f"{label} on {server.url(label)}" for label in server.ports),
+        )
+
+        _say(f"\n[4/4] curl --cacert {box.ca_cert.name}: {requests} requests per key and version")
+        workers = server.worker_pids()
+        check_tls(server, box.ca_cert, requests, tally)
+        if not direct:
+            check_module_in_nginx(server, workers, box.module_log, tally)
+        return 0 if not tally.failures else 1
+    except Exception as error:  # nginx and the sandbox are still cleaned up below
+        tally.check(False, "the demo ran to its end", f"{type(error).__name__}: {error}")
+        return 1
+    except KeyboardInterrupt:
+        tally.check(False, "the demo ran to its end", "interrupted")
+        return 130
+    finally:
+        if tally.failures:
+            _say()
+            _print_logs(box)
+        _say("\n[end] stopping")
+        if server is not None:
+            status = nginx.stop(server)
+            _say(f"  nginx stopped (exit status {status})")
+        if keep:
+            _say(f"  kept the sandbox: p11grid sandbox down {directory}")
+        else:
+            _run_sandbox_command("down", directory)
+        if tally.failures:
+            _say(f"\nFAILED: {len(tally.failures)} of {tally.passed + len(tally.failures)} "
+                 "checks failed:")  # fmt: skip
+            for reason in tally.failures:
+                _say(f"  {FAILED} {reason}")
+        else:
+            _say(f"\nOK: all {tally.passed} checks passed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m p11grid.demo", description=__doc__)
+    parser.add_argument("--requests", type=int, default=3, help="requests per key and version")
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="put the engine on SoftHSM2 directly instead of our module (tells faults apart)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the sandbox for inspection")
+    arguments = parser.parse_args(argv)
+    return run(arguments.requests, arguments.direct, arguments.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: one sandbox (a real SoftHSM2 token behind our module) per test run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+MODULE = ROOT / "build" / "libp11grid.so"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """The variables a sandbox's env file exports."""
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            env[name] = value
+    return env
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    if not MODULE.exists():
+        pytest.fail(f"{MODULE} is missing: run `make install` first")
+    directory = tmp_path_factory.mktemp("sandbox") / "world"
+    p11grid = str(VENV_BIN / "p11grid")
+    subprocess.run([p11grid, "sandbox", "up", str(directory)], check=True,
+                   capture_output=True, text=True)
+    env = read_env(directory / "env")
+    yield env
+    subprocess.run([p11grid, "sandbox", "down", str(directory)], check=False,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_environ(sandbox: dict[str, str]) -> dict[str, str]:
+    """os.environ plus the sandbox's variables, for child processes."""
+    return {**os.environ, **sandbox}
+
+
+# Keys beyond the sandbox's two, made inside the token before our module first looks.
+EXTRA_KEYS = (("t-rsa3072", "11", "rsa:3072"), ("t-ec384", "12", "EC:secp384r1"))
+
+
+@pytest.fixture(scope="session")
+def p11lib(sandbox: dict[str, str], sandbox_environ: dict[str, str]):  # type: ignore[no-untyped-def]
+    """python-pkcs11 loading libp11grid.so inside this test process."""
+    import pkcs11
+
+    for label, key_id, key_type in EXTRA_KEYS:
+        subprocess.run(
+            ["pkcs11-tool", "--module", sandbox["P11GRID_DIRECT_MODULE"], "--token-label",
+             sandbox["P11GRID_DIRECT_TOKEN"], "--login", "--pin", sandbox["P11GRID_PIN"],
+             "--keypairgen", "--key-type", key_type, "--label", label, "--id", key_id,
+             "--usage-sign", "--usage-decrypt"],
+            check=True, capture_output=True, env=sandbox_environ)
+    os.environ["P11GRID_CONF"] = sandbox["P11GRID_CONF"]
+    return pkcs11.lib(sandbox["P11GRID_MODULE"])

@@ -1,0 +1,62 @@
+"""The module configuration: every mistake is named, none is guessed around."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from provider.config import load, parse
+from provider.return_values import ConfigError
+
+GOOD = """
+[module]
+backend = "local"
+log_file = "/var/log/p11grid.log"
+
+[[secure_element]]
+label = "vm-se"
+library = "/usr/lib/softhsm/libsofthsm2.so"
+[secure_element.environment]
+SOFTHSM2_CONF = "/etc/softhsm2.conf"
+"""
+
+
+def test_good_config_and_defaults() -> None:
+    config = parse(GOOD, Path("/x.toml"))
+    element = config.secure_elements[0]
+    assert (config.backend, config.log_level) == ("local", "info")
+    assert (element.driver, element.token_label) == ("pkcs11", "vm-se")
+    assert element.environment == {"SOFTHSM2_CONF": "/etc/softhsm2.conf"}
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("[module\n", "not valid TOML"),
+    ("[module]\nbackend = \"cloud\"\n[[secure_element]]\nlabel=\"a\"\nlibrary=\"/a\"\n",
+     "backend must be one of"),
+    (GOOD.replace("[module]", "[module]\ncolour = 1"), "unknown key(s) colour"),
+    ("[module]\n", "at least one [[secure_element]]"),
+    (GOOD.replace('"/usr/lib/softhsm/libsofthsm2.so"', '"libsofthsm2.so"'), "absolute path"),
+    (GOOD.replace('label = "vm-se"', 'label = "' + "x" * 33 + '"'), "longer than 32 bytes"),
+    (GOOD + '[[secure_element]]\nlabel = "vm-se"\nlibrary = "/a"\n',
+     "labels must be unique"),
+    (GOOD.replace('log_file = "/var/log/p11grid.log"', 'log_file = "p11grid.log"'),
+     "log_file must be an absolute path"),
+])
+def test_mistakes_are_named(text: str, says: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(text, Path("/x.toml"))
+    assert says in str(error.value)
+
+
+def test_path_comes_from_environment_and_must_be_absolute(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("P11GRID_CONF", "relative.toml")
+    with pytest.raises(ConfigError, match="absolute"):
+        load()
+    monkeypatch.setenv("P11GRID_CONF", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="no module config"):
+        load()
+    (tmp_path / "ok.toml").write_text(GOOD)
+    monkeypatch.setenv("P11GRID_CONF", str(tmp_path / "ok.toml"))
+    assert load().path == tmp_path / "ok.toml"
