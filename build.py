@@ -177,8 +177,12 @@ def compile_native() -> Path:
     """Our C is compiled on its own so that -Werror judges our code, not cffi's."""
     obj = BUILD / "native" / "p11grid.o"
     obj.parent.mkdir(parents=True, exist_ok=True)
+    recorded = site_packages()
+    if any(c in recorded for c in '"\\\n'):
+        raise SystemExit(f"build.py: cannot record a site-packages path like {recorded!r}")
     cmd = ["cc", *C_FLAGS, *[f"-I{p}" for p in python_includes()], f"-I{P11KIT_INCLUDE}",
-           f"-I{NATIVE}", "-c", str(NATIVE / "p11grid.c"), "-o", str(obj)]
+           f"-I{NATIVE}", f'-DP11GRID_SITE_PACKAGES="{recorded}"',
+           "-c", str(NATIVE / "p11grid.c"), "-o", str(obj)]
     subprocess.run(cmd, check=True)
     return obj
 
@@ -210,7 +214,10 @@ def main() -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     built = ffi.compile(tmpdir=str(tmp), target="libp11grid.*", verbose=False)
     target = BUILD / "libp11grid.so"
-    shutil.copyfile(built, target)
+    # A new inode, renamed into place: processes running the old library keep it intact.
+    staging = target.with_suffix(".so.new")
+    shutil.copyfile(built, staging)
+    os.replace(staging, target)
     print(f"build.py: wrote {target} (site-packages recorded: {site_packages()})")
     return 0
 

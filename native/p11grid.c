@@ -4,6 +4,8 @@
  * Everything PKCS#11 means is decided in Python (provider/); this file only
  *  - exports the 2.40 function list and the 3.0 "PKCS 11" interface,
  *  - promotes libpython to RTLD_GLOBAL before the interpreter starts,
+ *  - starts the interpreter itself in a C host, with the virtualenv's site-packages on
+ *    sys.path, because cffi imports _cffi_backend before any of our Python runs,
  *  - refuses every call with CKR_GENERAL_ERROR when Python could not start
  *    (cffi would otherwise return 0, which is CKR_OK),
  *  - keeps the interpreter consistent across fork() and makes a child answer
@@ -15,6 +17,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <p11-kit/pkcs11.h>
@@ -23,6 +26,10 @@
 #include "python_callbacks.h"
 
 #define P11GRID_EXPORT __attribute__((visibility("default")))
+
+#ifndef P11GRID_SITE_PACKAGES
+#error "build.py defines P11GRID_SITE_PACKAGES: the virtualenv's site-packages, ':'-separated"
+#endif
 
 /* Value p11grid_py_alive() returns once Python runs our code. */
 #define P11GRID_ALIVE_MAGIC 0x70313167UL
@@ -92,10 +99,41 @@ static void promote_libpython(void)
         dlclose(owner);
 }
 
+/*
+ * In a C host (nginx, openssl, pkcs11-tool) nobody has started Python yet. Starting it
+ * here lets the virtualenv's site-packages go first on sys.path before cffi imports its
+ * _cffi_backend from there; a system copy of another version must not win. A Python host
+ * keeps its own interpreter and sys.path (our init code only appends to it).
+ */
+static void start_interpreter(void)
+{
+    if (Py_IsInitialized())
+        return;
+    atomic_store(&owns_interpreter, 1);
+    Py_InitializeEx(0); /* 0: the host owns its signal handlers */
+    const char *chosen = getenv("P11GRID_SITE_PACKAGES");
+    if (chosen == NULL || chosen[0] == '\0')
+        chosen = P11GRID_SITE_PACKAGES;
+    PyObject *path = PySys_GetObject("path"); /* borrowed */
+    Py_ssize_t position = 0;
+    for (const char *start = chosen; path != NULL && *start != '\0';) {
+        const char *end = strchr(start, ':');
+        size_t length = end != NULL ? (size_t)(end - start) : strlen(start);
+        if (length > 0) {
+            PyObject *entry = PyUnicode_DecodeFSDefaultAndSize(start, (Py_ssize_t)length);
+            if (entry == NULL || PyList_Insert(path, position++, entry) != 0)
+                PyErr_Clear();
+            Py_XDECREF(entry);
+        }
+        start += length + (end != NULL ? 1 : 0);
+    }
+    PyEval_SaveThread(); /* cffi and every later call take the GIL when they need it */
+}
+
 static void start_once_fn(void)
 {
     promote_libpython();
-    atomic_store(&owns_interpreter, Py_IsInitialized() ? 0 : 1);
+    start_interpreter();
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 

@@ -450,10 +450,31 @@ def fork_child() -> None:
     expect("C_Finalize", lib.C_Finalize(ffi.NULL), OK)
 
 
+def old_dependency_in_host() -> None:
+    """A Python host that already imported a cryptography we cannot use.
+
+    A fake: sys.modules gets a stand-in module with an old version, because installing
+    an old cryptography next to the real one is not something a test can do cleanly.
+    """
+    import types
+
+    fake = types.ModuleType("cryptography")
+    fake.__version__ = "3.4.8"  # type: ignore[attr-defined]
+    real = sys.modules.get("cryptography")
+    sys.modules["cryptography"] = fake
+    expect("C_Initialize with an old cryptography", lib.C_Initialize(ffi.NULL), GENERAL_ERROR)
+    if real is not None:
+        sys.modules["cryptography"] = real
+    else:
+        del sys.modules["cryptography"]
+    expect("C_Initialize once it is gone", lib.C_Initialize(ffi.NULL), OK)
+    expect("C_Finalize", lib.C_Finalize(ffi.NULL), OK)
+
+
 SCENARIOS: dict[str, Callable[[], None]] = {f.__name__: f for f in (
     before_initialize, double_initialize, initialize_arguments, null_pointers,
     invalid_handles, sessions_and_login, templates_and_attributes, operation_state,
-    refused_functions, interfaces, broken_config, fork_child)}
+    refused_functions, interfaces, broken_config, fork_child, old_dependency_in_host)}
 
 
 if __name__ == "__main__":

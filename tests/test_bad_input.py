@@ -19,3 +19,8 @@ def test_scenario(scenario: str, sandbox_environ: dict[str, str], tmp_path: Path
     result = subprocess.run([sys.executable, str(HOST), scenario], env=environ,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    if scenario == "broken_config" and not Path("/dev/log").exists():
+        # Without a config there is no log file: the reason goes to syslog, else stderr.
+        for reason in ("not valid TOML", "backend must be one of", "unknown key(s) colour",
+                       "no module config at", "must be an absolute path"):
+            assert reason in result.stderr, result.stderr[-3000:]
