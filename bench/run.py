@@ -542,6 +542,9 @@ def render_report(
     lines += [
         f"| {t.description} | {t.measured} | {t.verdict} |" for t in evaluate_targets(summaries)
     ]
+    analysis = Path(__file__).with_name("analysis.md")
+    if analysis.exists():
+        lines += ["", *analysis.read_text().rstrip().splitlines()]
     failed = [s for s in summaries.values() if not s.complete]
     if failed:
         lines += [

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provider.constants import CKM
 from provider.return_values import ConfigError
 
 DEFAULT_PATH = Path("/etc/p11grid/p11grid.toml")
@@ -29,6 +30,8 @@ class SecureElementConfig:
     library: str
     token_label: str
     environment: dict[str, str] = field(default_factory=dict)
+    # The element mechanisms the module may ask for; None: whatever the element lists.
+    mechanisms: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ def _no_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
 def _secure_element(data: Any, where: str) -> SecureElementConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a table")
-    _no_unknown(data, {"label", "driver", "library", "token_label", "environment"}, where)
+    _no_unknown(data, {"label", "driver", "library", "token_label", "environment",
+                       "mechanisms"}, where)
     label = _string(data, "label", where)
     if len(label.encode()) > 32:
         raise ConfigError(f"{where}: label {label!r} is longer than 32 bytes")
@@ -91,7 +95,21 @@ def _secure_element(data: Any, where: str) -> SecureElementConfig:
         label=label, driver=driver, library=library,
         token_label=_string(data, "token_label", where, label),
         environment=dict(environment),
+        mechanisms=_mechanisms(data.get("mechanisms"), where),
     )
+
+
+def _mechanisms(value: Any, where: str) -> frozenset[int] | None:
+    """`mechanisms = ["RSA_X_509", "ECDSA"]`: names of CKM_* without the prefix."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: mechanisms must be a list of names such as \"ECDSA\"")
+    unknown = [v for v in value if v not in CKM.__members__]
+    if unknown:
+        raise ConfigError(f"{where}: unknown mechanism(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(CKM.__members__)}")
+    return frozenset(int(CKM[v]) for v in value)
 
 
 def parse(text: str, path: Path) -> ModuleConfig:

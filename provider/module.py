@@ -307,7 +307,9 @@ class Module:
             key = self.key(session, key_handle)
             if key.private and not session.token.logged_in:
                 raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
-            session.sign = SignOperation(session.token.element(), key, row, parameters)
+            token = session.token
+            session.sign = SignOperation(token.element(), token.element_mechanisms, key, row,
+                                         parameters)
 
     def sign(self, handle: int, data: bytes, capacity: int | None) -> Output:
         session = self.session(handle)
@@ -398,7 +400,9 @@ class Module:
             key = self.key(session, key_handle)
             if key.private and not session.token.logged_in:
                 raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
-            session.decrypt = DecryptOperation(session.token.element(), key, row, parameters)
+            token = session.token
+            session.decrypt = DecryptOperation(token.element(), token.element_mechanisms, key,
+                                               row, parameters)
 
     def decrypt(self, handle: int, ciphertext: bytes, capacity: int | None) -> Output:
         session = self.session(handle)

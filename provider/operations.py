@@ -79,10 +79,11 @@ class _Accumulating:
 
 
 class SignOperation:
-    def __init__(self, element: SecureElement, key: TokenObject, row: OfferedMechanism,
-                 parameters: Any) -> None:
+    def __init__(self, element: SecureElement, mechanisms: frozenset[int], key: TokenObject,
+                 row: OfferedMechanism, parameters: Any) -> None:
         _check_key(key, row, (CKO.PRIVATE_KEY,), CKA.SIGN)
         self.element, self.key, self.row = element, key, row
+        self.mechanisms = mechanisms  # what the element may be asked for
         self.parameters = _check_pss(row, parameters)
         self.length = signature_length(key)
         self._input = _Accumulating(row.digest)
@@ -100,7 +101,7 @@ class SignOperation:
                 message = HASHES[row.digest].digest_info_prefix + message
             if len(message) > self.length - 11:
                 raise CKRError(CKR.DATA_LEN_RANGE, "data too long for PKCS#1 v1.5")
-            if CKM.RSA_PKCS in element.mechanisms():
+            if CKM.RSA_PKCS in self.mechanisms:
                 return element.sign(key.element_object, CKM.RSA_PKCS, None, message)
             block = emsa_pkcs1_v15(message, self.length)
             return element.sign(key.element_object, CKM.RSA_X_509, None, block)
@@ -109,7 +110,7 @@ class SignOperation:
             assert p is not None
             if len(message) != HASHES[p.hash_mechanism].size:
                 raise CKRError(CKR.DATA_LEN_RANGE, "RSA-PSS signs a hash of hashAlg's size")
-            if CKM.RSA_PKCS_PSS in element.mechanisms():
+            if CKM.RSA_PKCS_PSS in self.mechanisms:
                 return element.sign(key.element_object, CKM.RSA_PKCS_PSS, p, message)
             block = emsa_pss(message, key.modulus_bits, p.hash_mechanism, MGF1_HASH[p.mgf],
                              p.salt_length)
@@ -193,8 +194,8 @@ def _oaep_in_element(parameters: OaepParameters) -> bool:
 
 
 class DecryptOperation:
-    def __init__(self, element: SecureElement, key: TokenObject, row: OfferedMechanism,
-                 parameters: Any) -> None:
+    def __init__(self, element: SecureElement, mechanisms: frozenset[int], key: TokenObject,
+                 row: OfferedMechanism, parameters: Any) -> None:
         _check_key(key, row, (CKO.PRIVATE_KEY,), CKA.DECRYPT)
         if row.scheme == Scheme.OAEP:
             if not isinstance(parameters, OaepParameters):
@@ -202,6 +203,7 @@ class DecryptOperation:
             if parameters.hash_mechanism not in HASHES or parameters.mgf not in MGF1_HASH:
                 raise CKRError(CKR.MECHANISM_PARAM_INVALID, "unsupported OAEP hash or MGF")
         self.element, self.key, self.row, self.parameters = element, key, row, parameters
+        self.mechanisms = mechanisms
         self.length = signature_length(key)
         self.result: bytes | None = None  # kept between a length query and the real call
 
@@ -212,7 +214,7 @@ class DecryptOperation:
             raise CKRError(CKR.ENCRYPTED_DATA_LEN_RANGE,
                            f"ciphertext must be {self.length} bytes")
         element, eo = self.element, self.key.element_object
-        mechanisms = element.mechanisms()
+        mechanisms = self.mechanisms
         try:
             # Raw RSA plus decoding here is preferred to the element's own padding: one
             # constant-time decoder, and the same CK_RV for a bad block on every element

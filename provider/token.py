@@ -33,6 +33,8 @@ class Token:
         self._factory = factory
         self._allocate_handle = allocate_handle
         self._element: SecureElement | None = None
+        # What the element does and the config lets us ask of it.
+        self.element_mechanisms: frozenset[int] = frozenset()
         # (class, id, label, n) -> handle: a handle names the same object for the
         # module's lifetime, across logins and reloads.
         self._handles: dict[tuple[bytes, bytes, bytes, int], int] = {}
@@ -51,6 +53,10 @@ class Token:
                 candidate = self._factory(self.config)
                 candidate.open()
                 objects = candidate.public_objects()
+                mechanisms = candidate.mechanisms()
+                if self.config.mechanisms is not None:
+                    mechanisms &= self.config.mechanisms
+                self.element_mechanisms = mechanisms
                 self._element = candidate
                 self._replace(objects)
                 log.info("token %r: secure element reached, %d public objects",

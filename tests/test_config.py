@@ -28,6 +28,11 @@ def test_good_config_and_defaults() -> None:
     assert (config.backend, config.log_level) == ("local", "info")
     assert (element.driver, element.token_label) == ("pkcs11", "vm-se")
     assert element.environment == {"SOFTHSM2_CONF": "/etc/softhsm2.conf"}
+    assert element.mechanisms is None
+    restricted = parse(GOOD.replace("[secure_element.environment]",
+                                    'mechanisms = ["RSA_X_509", "ECDSA"]\n'
+                                    "[secure_element.environment]"), Path("/x.toml"))
+    assert restricted.secure_elements[0].mechanisms == {0x3, 0x1041}
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -42,6 +47,9 @@ def test_good_config_and_defaults() -> None:
      "labels must be unique"),
     (GOOD.replace('log_file = "/var/log/p11grid.log"', 'log_file = "p11grid.log"'),
      "log_file must be an absolute path"),
+    (GOOD.replace("[secure_element.environment]",
+                  'mechanisms = ["RSA_X_509", "RSA_MAGIC"]\n[secure_element.environment]'),
+     "unknown mechanism(s) RSA_MAGIC"),
 ])
 def test_mistakes_are_named(text: str, says: str) -> None:
     with pytest.raises(ConfigError) as error:
