@@ -11,7 +11,8 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,119 +273,107 @@ class Module:
             raise CKRError(CKR.KEY_HANDLE_INVALID, f"object {handle} is not a key")
         return obj
 
-    def find_init(self, handle: int, template: Template) -> None:
+    # --- the operation state machine ---------------------------------------
+
+    @contextmanager
+    def _starting(self, handle: int, kind: str) -> Iterator[Session]:
+        """The session, if it has no `kind` operation active (an *Init call)."""
         session = self.session(handle)
         with session.lock:
-            if session.find is not None:
-                raise CKRError(CKR.OPERATION_ACTIVE, "a search is already active")
+            if getattr(session, kind) is not None:
+                raise CKRError(CKR.OPERATION_ACTIVE, f"a {kind} operation is already active")
+            yield session
+
+    @contextmanager
+    def _continuing(self, handle: int, kind: str) -> Iterator[tuple[Session, Any]]:
+        """The session and its active `kind` operation; a failure ends the operation.
+
+        PKCS#11 keeps an operation alive only across a length query or a too-small buffer,
+        and both are answered by returning the length, never by raising.
+        """
+        session = self.session(handle)
+        with session.lock:
+            op = getattr(session, kind)
+            if op is None:
+                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, f"no {kind} operation is active")
+            try:
+                yield session, op
+            except BaseException:
+                setattr(session, kind, None)
+                raise
+
+    def _private_key(self, session: Session, key_handle: int) -> TokenObject:
+        key = self.key(session, key_handle)
+        if key.private and not session.token.logged_in:
+            raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
+        return key
+
+    # --- searching ------------------------------------------------------------
+
+    def find_init(self, handle: int, template: Template) -> None:
+        with self._starting(handle, "find") as session:
             token = session.token
             found = [h for h, o in token.objects.items()
                      if token.visible(o) and o.matches(template)]
             session.find = FindOperation(sorted(found))
 
     def find(self, handle: int, count: int) -> list[int]:
-        session = self.session(handle)
-        with session.lock:
-            if session.find is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_FindObjectsInit first")
-            return session.find.take(count)
+        with self._continuing(handle, "find") as (_, op):
+            return list(op.take(count))
 
     def find_final(self, handle: int) -> None:
-        session = self.session(handle)
-        with session.lock:
-            if session.find is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "no search is active")
+        with self._continuing(handle, "find") as (session, _):
             session.find = None
 
     # --- signing and verifying ---------------------------------------------
 
     def sign_init(self, handle: int, mechanism: int, parameters: Any, key_handle: int) -> None:
-        session = self.session(handle)
-        with session.lock:
-            if session.sign is not None:
-                raise CKRError(CKR.OPERATION_ACTIVE, "a signature is already in progress")
+        with self._starting(handle, "sign") as session:
             row = offered(mechanism, CKF_SIGN)
-            key = self.key(session, key_handle)
-            if key.private and not session.token.logged_in:
-                raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
+            key = self._private_key(session, key_handle)
             token = session.token
             session.sign = SignOperation(token.element(), token.element_mechanisms, key, row,
                                          parameters)
 
     def sign(self, handle: int, data: bytes, capacity: int | None) -> Output:
-        session = self.session(handle)
-        with session.lock:
-            op = session.sign
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
+        with self._continuing(handle, "sign") as (session, op):
             if capacity is None or capacity < op.length:
-                return op.length  # answered without signing
+                return int(op.length)  # answered without signing
             session.sign = None  # ends here, whatever the outcome
             if op.multi_part:
                 raise CKRError(CKR.OPERATION_ACTIVE, "C_Sign cannot finish a multi-part sign")
             op.update(data)
-            return op.final()
+            return bytes(op.final())
 
     def sign_update(self, handle: int, part: bytes) -> None:
-        session = self.session(handle)
-        with session.lock:
-            op = session.sign
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
-            try:
-                op.update(part)
-            except BaseException:
-                session.sign = None
-                raise
+        with self._continuing(handle, "sign") as (_, op):
+            op.update(part)
 
     def sign_final(self, handle: int, capacity: int | None) -> Output:
-        session = self.session(handle)
-        with session.lock:
-            op = session.sign
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_SignInit first")
+        with self._continuing(handle, "sign") as (session, op):
             if capacity is None or capacity < op.length:
-                return op.length
+                return int(op.length)
             session.sign = None
-            return op.final()
+            return bytes(op.final())
 
     def verify_init(self, handle: int, mechanism: int, parameters: Any,
                     key_handle: int) -> None:
-        session = self.session(handle)
-        with session.lock:
-            if session.verify is not None:
-                raise CKRError(CKR.OPERATION_ACTIVE, "a verification is already in progress")
+        with self._starting(handle, "verify") as session:
             row = offered(mechanism, CKF_VERIFY)
             session.verify = VerifyOperation(self.key(session, key_handle), row, parameters)
 
     def verify(self, handle: int, data: bytes, signature: bytes) -> None:
-        session = self.session(handle)
-        with session.lock:
-            op = session.verify
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
+        with self._continuing(handle, "verify") as (session, op):
             session.verify = None
             op.update(data)
             op.final(signature)
 
     def verify_update(self, handle: int, part: bytes) -> None:
-        session = self.session(handle)
-        with session.lock:
-            op = session.verify
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
-            try:
-                op.update(part)
-            except BaseException:
-                session.verify = None
-                raise
+        with self._continuing(handle, "verify") as (_, op):
+            op.update(part)
 
     def verify_final(self, handle: int, signature: bytes) -> None:
-        session = self.session(handle)
-        with session.lock:
-            op = session.verify
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_VerifyInit first")
+        with self._continuing(handle, "verify") as (session, op):
             session.verify = None
             op.final(signature)
 
@@ -392,32 +381,18 @@ class Module:
 
     def decrypt_init(self, handle: int, mechanism: int, parameters: Any,
                      key_handle: int) -> None:
-        session = self.session(handle)
-        with session.lock:
-            if session.decrypt is not None:
-                raise CKRError(CKR.OPERATION_ACTIVE, "a decryption is already in progress")
+        with self._starting(handle, "decrypt") as session:
             row = offered(mechanism, CKF_DECRYPT)
-            key = self.key(session, key_handle)
-            if key.private and not session.token.logged_in:
-                raise CKRError(CKR.USER_NOT_LOGGED_IN, "log in to use the private key")
+            key = self._private_key(session, key_handle)
             token = session.token
             session.decrypt = DecryptOperation(token.element(), token.element_mechanisms, key,
                                                row, parameters)
 
     def decrypt(self, handle: int, ciphertext: bytes, capacity: int | None) -> Output:
-        session = self.session(handle)
-        with session.lock:
-            op = session.decrypt
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DecryptInit first")
-            try:
-                # The plaintext length is known only after decrypting; the result is kept
-                # so that the call after a length query does not decrypt again.
-                result = op.decrypt(ciphertext)
-            except BaseException:
-                session.decrypt = None
-                raise
-            out = _deliver(result, capacity)
+        with self._continuing(handle, "decrypt") as (session, op):
+            # The plaintext length is known only after decrypting; the result is kept so
+            # that the call after a length query does not decrypt again.
+            out = _deliver(op.decrypt(ciphertext), capacity)
             if not isinstance(out, int):
                 session.decrypt = None
             return out
@@ -425,44 +400,29 @@ class Module:
     # --- digesting and random ---------------------------------------------
 
     def digest_init(self, handle: int, mechanism: int) -> None:
-        session = self.session(handle)
-        with session.lock:
-            if session.digest is not None:
-                raise CKRError(CKR.OPERATION_ACTIVE, "a digest is already in progress")
+        with self._starting(handle, "digest") as session:
             session.digest = DigestOperation(offered(mechanism, CKF_DIGEST))
 
     def digest(self, handle: int, data: bytes, capacity: int | None) -> Output:
-        session = self.session(handle)
-        with session.lock:
-            op = session.digest
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+        with self._continuing(handle, "digest") as (session, op):
             if capacity is None or capacity < op.length:
-                return op.length
+                return int(op.length)
             session.digest = None
             if op.multi_part:
                 raise CKRError(CKR.OPERATION_ACTIVE, "C_Digest cannot finish a multi-part digest")
             op.update(data)
-            return op.final()
+            return bytes(op.final())
 
     def digest_update(self, handle: int, part: bytes) -> None:
-        session = self.session(handle)
-        with session.lock:
-            op = session.digest
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+        with self._continuing(handle, "digest") as (_, op):
             op.update(part)
 
     def digest_final(self, handle: int, capacity: int | None) -> Output:
-        session = self.session(handle)
-        with session.lock:
-            op = session.digest
-            if op is None:
-                raise CKRError(CKR.OPERATION_NOT_INITIALIZED, "call C_DigestInit first")
+        with self._continuing(handle, "digest") as (session, op):
             if capacity is None or capacity < op.length:
-                return op.length
+                return int(op.length)
             session.digest = None
-            return op.final()
+            return bytes(op.final())
 
     def generate_random(self, handle: int, length: int) -> bytes:
         session = self.session(handle)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,20 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from p11grid.sandbox import load_env
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 MODULE = ROOT / "build" / "libp11grid.so"
-
-
-def read_env(path: Path) -> dict[str, str]:
-    """The variables a sandbox's env file exports."""
-    env: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        words = shlex.split(line, comments=True)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            env[name] = value
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +25,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     p11grid = str(VENV_BIN / "p11grid")
     subprocess.run([p11grid, "sandbox", "up", str(directory)], check=True,
                    capture_output=True, text=True)
-    env = read_env(directory / "env")
+    env = load_env(directory / "env")
     yield env
     subprocess.run([p11grid, "sandbox", "down", str(directory)], check=False,
                    capture_output=True)
