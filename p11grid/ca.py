@@ -129,3 +129,42 @@ def write_private_file(path: Path, content: bytes) -> None:
     os.fchmod(fd, 0o600)  # the file may have existed with a wider mode
     with os.fdopen(fd, "wb") as stream:
         stream.write(content)
+
+
+def issue_identity(
+    ca: SandboxCA,
+    key_path: Path,
+    cert_path: Path,
+    common_name: str,
+    *,
+    uri: str | None = None,
+    server: bool = False,
+) -> None:
+    """A TLS identity with a file key: the grid service's and RACS's (server), or a caller's
+    (client, with its SPIFFE URI). The CN is the name RACS authorizes by."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    names: list[x509.GeneralName] = []
+    if uri is not None:
+        names.append(x509.UniformResourceIdentifier(uri))
+    if server:
+        names += [x509.DNSName(SERVER_NAME), x509.IPAddress(SERVER_IP)]
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    certificate = builder.sign(ca.key, hashes.SHA256())
+    write_private_file(key_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))

@@ -1,4 +1,4 @@
-"""The `p11grid` command."""
+"""The `p11grid` command: one entry for every room's operator tools."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from grid_backend.service import cli as grid_cli
 from p11grid import paths, sandbox
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _sandbox(arguments: argparse.Namespace) -> int:
+    try:
+        if arguments.action == "up":
+            sandbox.up(arguments.directory, say=_say)
+        else:
+            sandbox.down(arguments.directory, say=_say, deadline=arguments.deadline)
+    except (sandbox.SandboxError, paths.MissingDependencyError) as error:
+        print(f"p11grid sandbox {arguments.action}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -16,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     sandbox_parser = commands.add_parser(
-        "sandbox", help="a ready-to-use SoftHSM2 secure element, CA and configs in a directory"
+        "sandbox", help="a ready-to-use world (secure elements, grid, CA, configs) in a directory"
     )
     actions = sandbox_parser.add_subparsers(dest="action", required=True)
     up = actions.add_parser("up", help="build a sandbox in DIR (new or empty)")
@@ -30,24 +47,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a process may take to end after SIGTERM before SIGKILL",
     )
+    sandbox_parser.set_defaults(func=_sandbox)
+    grid_cli.register(commands)
     return parser
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    try:
-        if arguments.action == "up":
-            sandbox.up(arguments.directory, say=_say)
-        else:
-            sandbox.down(arguments.directory, say=_say, deadline=arguments.deadline)
-    except (sandbox.SandboxError, paths.MissingDependencyError) as error:
-        print(f"p11grid sandbox {arguments.action}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return int(arguments.func(arguments))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""`p11grid sandbox up|down DIR`: a ready-to-use world around one SoftHSM2 secure element.
+"""`p11grid sandbox up|down DIR`: a ready-to-use world around a grid of secure elements.
 
 `up` lays out, inside DIR: a SoftHSM2 token `vm-se` with an RSA-2048 and an EC P-256 key
 generated inside it, a throwaway CA that certifies both for TLS on localhost (certificates
-stored in the token too), the module config, an OpenSSL config that loads the libp11
-engine on our module, and DIR/env to source. `down` stops what state.json recorded and
-removes DIR. Everything a later step or test needs is named in DIR/env.
+stored in the token too), a grid service (DIR/grid) hosting the token and serving it over
+TLS to the VM's identity, the module config pointing at the grid (and a second one,
+p11grid-local.toml, driving the token in-process), an OpenSSL config that loads the
+libp11 engine on our module, and DIR/env to source. `down` stops what state.json
+recorded and removes DIR. Everything a later step or test needs is named in DIR/env.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from p11grid import ca, paths, sandbox_token
+from p11grid import ca, paths, sandbox_grid, sandbox_token
 
 Say = Callable[[str], None]
 
@@ -56,7 +58,13 @@ ENV_NAMES = (
     "P11GRID_CA",
     "P11GRID_SANDBOX",
     "P11GRID_DIRECT_OPENSSL_CONF",
+    "P11GRID_LOCAL_CONF",
+    "P11GRID_GRID_PIDFILE",
+    "P11GRID_GRID_ADDR",
+    "P11GRID_GRID_CONF",
+    "P11GRID_REGISTRY",
 )
+GRID_PROCESS = "grid"
 
 
 class SandboxError(RuntimeError):
@@ -88,6 +96,14 @@ class Sandbox:
     @property
     def module_conf(self) -> Path:
         return self.directory / "p11grid.toml"
+
+    @property
+    def local_module_conf(self) -> Path:
+        return self.directory / "p11grid-local.toml"
+
+    @property
+    def grid(self) -> sandbox_grid.GridLayout:
+        return sandbox_grid.GridLayout(self.directory / "grid")
 
     @property
     def module_log(self) -> Path:
@@ -455,8 +471,28 @@ def _build(sandbox: Sandbox, say: Say) -> None:
             f"{sandbox.certificate(spec.label)}, also stored in the token (id {spec.key_id.hex()})"
         )
 
-    sandbox.module_conf.write_text(_module_conf_text(sandbox, softhsm_library))
-    say(f"sandbox: wrote {sandbox.module_conf} (module config, log {sandbox.module_log})")
+    grid = sandbox.grid
+    sandbox_grid.issue_identities(grid, authority)
+    say(f"sandbox: issued TLS identities for the grid service and the VM "
+        f"({sandbox_grid.VM_IDENTITY}) in {grid.directory}")
+    sandbox_grid.write_registry(grid, TOKEN_LABEL, softhsm_library, TOKEN_LABEL,
+                                sandbox.softhsm_conf,
+                                [(s.label, s.key_id.hex(), "rsa2048" if s.kind == "rsa"
+                                  else "ec256") for s in sandbox_token.SANDBOX_KEYS])
+    say(f"sandbox: registry {grid.registry}: element '{TOKEN_LABEL}' bound to "
+        f"{sandbox_grid.VM_IDENTITY}")
+    port = sandbox_grid.free_port()
+    sandbox_grid.write_config(grid, sandbox.ca_cert, port)
+    grid_pid = sandbox_grid.start(grid, sandbox.ca_cert, port)
+    record_process(directory, GRID_PROCESS, grid_pid, process_group=grid_pid)
+    say(f"sandbox: grid service (pid {grid_pid}) serving on 127.0.0.1:{port}, "
+        f"log {grid.log}, audit {grid.audit_log}")
+
+    sandbox.local_module_conf.write_text(_module_conf_text(sandbox, softhsm_library))
+    sandbox.module_conf.write_text(sandbox_grid.module_config_text(
+        grid, sandbox.ca_cert, port, sandbox.module_log, TOKEN_LABEL))
+    say(f"sandbox: wrote {sandbox.module_conf} (module config: keys in the grid, log "
+        f"{sandbox.module_log}) and {sandbox.local_module_conf} (the token in-process)")
 
     ca.write_private_file(
         sandbox.openssl_conf, openssl_conf_text(sandbox, engine, module, pin).encode()
@@ -483,6 +519,11 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         "P11GRID_CA": str(sandbox.ca_cert),
         "P11GRID_SANDBOX": str(directory),
         "P11GRID_DIRECT_OPENSSL_CONF": str(sandbox.direct_openssl_conf),
+        "P11GRID_LOCAL_CONF": str(sandbox.local_module_conf),
+        "P11GRID_GRID_PIDFILE": str(grid.pid_file),
+        "P11GRID_GRID_ADDR": f"127.0.0.1:{port}",
+        "P11GRID_GRID_CONF": str(grid.config),
+        "P11GRID_REGISTRY": str(grid.registry),
     }
     assert tuple(variables) == ENV_NAMES
     ca.write_private_file(sandbox.env_file, _env_text(variables).encode())

@@ -16,7 +16,7 @@ from provider.constants import CKM
 from provider.return_values import ConfigError
 
 DEFAULT_PATH = Path("/etc/p11grid/p11grid.toml")
-BACKENDS = ("local",)
+BACKENDS = ("local", "grid")
 DRIVERS = ("pkcs11",)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -32,6 +32,18 @@ class SecureElementConfig:
     environment: dict[str, str] = field(default_factory=dict)
     # The element mechanisms the module may ask for; None: whatever the element lists.
     mechanisms: frozenset[int] | None = None
+    seid: str = ""  # backend = "grid": the element's id at the grid (default: the label)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """backend = "grid": where the grid is and who this module is to it."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    ca: str
+    certificate: str
+    key: str
+    timeout: float
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,7 @@ class ModuleConfig:
     log_file: str | None
     log_level: str
     secure_elements: tuple[SecureElementConfig, ...]
+    grid: GridConfig | None = None
 
 
 def config_path() -> Path:
@@ -73,14 +86,18 @@ def _no_unknown(data: dict[str, Any], allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
 
 
-def _secure_element(data: Any, where: str) -> SecureElementConfig:
+def _secure_element(data: Any, where: str, backend: str) -> SecureElementConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a table")
-    _no_unknown(data, {"label", "driver", "library", "token_label", "environment",
-                       "mechanisms"}, where)
     label = _string(data, "label", where)
     if len(label.encode()) > 32:
         raise ConfigError(f"{where}: label {label!r} is longer than 32 bytes")
+    if backend == "grid":
+        _no_unknown(data, {"label", "seid"}, where)
+        return SecureElementConfig(label=label, driver="grid", library="", token_label="",
+                                   seid=_string(data, "seid", where, label))
+    _no_unknown(data, {"label", "driver", "library", "token_label", "environment",
+                       "mechanisms"}, where)
     driver = _string(data, "driver", where, "pkcs11")
     if driver not in DRIVERS:
         raise ConfigError(f"{where}: driver must be one of {', '.join(DRIVERS)}")
@@ -118,7 +135,7 @@ def parse(text: str, path: Path) -> ModuleConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     where = str(path)
-    _no_unknown(data, {"module", "secure_element"}, where)
+    _no_unknown(data, {"module", "secure_element", "grid"}, where)
     module = _table(data, "module", where)
     _no_unknown(module, {"backend", "log_file", "log_level"}, f"{where} [module]")
     backend = _string(module, "backend", f"{where} [module]", "local")
@@ -133,13 +150,40 @@ def parse(text: str, path: Path) -> ModuleConfig:
     elements = data.get("secure_element", [])
     if not isinstance(elements, list) or not elements:
         raise ConfigError(f"{where}: at least one [[secure_element]] is needed")
-    parsed = tuple(_secure_element(e, f"{where} [[secure_element]] #{i + 1}")
+    parsed = tuple(_secure_element(e, f"{where} [[secure_element]] #{i + 1}", backend)
                    for i, e in enumerate(elements))
+    grid = _grid(data, f"{where} [grid]") if backend == "grid" else None
+    if backend != "grid" and "grid" in data:
+        raise ConfigError(f"{where}: a [grid] table needs backend = \"grid\"")
     labels = [e.label for e in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}: secure_element labels must be unique")
     return ModuleConfig(path=path, backend=backend, log_file=log_file, log_level=log_level,
-                        secure_elements=parsed)
+                        secure_elements=parsed, grid=grid)
+
+
+def _grid(data: dict[str, Any], where: str) -> GridConfig:
+    table = _table(data, "grid", where)
+    _no_unknown(table, {"endpoints", "ca", "certificate", "key", "timeout"}, where)
+    endpoints = table.get("endpoints")
+    if not isinstance(endpoints, list) or not endpoints:
+        raise ConfigError(f"{where}: endpoints must be a list of \"host:port\"")
+    parsed = []
+    for endpoint in endpoints:
+        host, _, port = str(endpoint).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: endpoint {endpoint!r} is not host:port")
+        parsed.append((host.strip("[]"), int(port)))
+    files = {}
+    for key in ("ca", "certificate", "key"):
+        value = _string(table, key, where)
+        if not os.path.isabs(value):
+            raise ConfigError(f"{where}: {key} must be an absolute path")
+        files[key] = value
+    timeout = table.get("timeout", 5.0)
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
+        raise ConfigError(f"{where}: timeout must be a number of seconds in (0, 300]")
+    return GridConfig(endpoints=tuple(parsed), timeout=float(timeout), **files)
 
 
 def load() -> ModuleConfig:

@@ -14,8 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from grid_backend.client import GridPool, GridSettings, RemoteElement
 from grid_backend.secure_element import SecureElement
 from provider import config as config_module
 from provider import logs
@@ -70,6 +72,18 @@ def local_element(config: SecureElementConfig) -> SecureElement:
     raise CKRError(CKR.GENERAL_ERROR, f"no driver {config.driver!r}")
 
 
+def element_factory(config: ModuleConfig) -> Callable[[SecureElementConfig], SecureElement]:
+    """How this configuration reaches its elements. Nothing connects here."""
+    if config.backend != "grid":
+        return local_element
+    assert config.grid is not None
+    grid = config.grid
+    pool = GridPool(GridSettings(endpoints=grid.endpoints, ca=Path(grid.ca),
+                                 certificate=Path(grid.certificate), key=Path(grid.key),
+                                 timeout=grid.timeout))
+    return lambda element: RemoteElement(pool, element.seid or element.label)
+
+
 @dataclass
 class _Running:
     """Everything C_Initialize builds and C_Finalize (or a fork) throws away."""
@@ -111,7 +125,8 @@ class Module:
             logs.configure(config.log_file, config.log_level)
             object_numbers = itertools.count(1)
             allocate = lambda: next(object_numbers)  # noqa: E731
-            tokens = [Token(i, c, local_element, allocate)
+            factory = element_factory(config)
+            tokens = [Token(i, c, factory, allocate)
                       for i, c in enumerate(config.secure_elements)]
             self._running = _Running(os.getpid(), config, tokens)
             self._on_initialized(True)

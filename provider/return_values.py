@@ -8,6 +8,8 @@ lists what each CK_RV means for an operator.
 
 from __future__ import annotations
 
+from grid_backend.client.pool import GridUnreachable
+from grid_backend.protocol import ElementRefused, SessionUnknown
 from grid_backend.secure_element import (
     ElementAbsent,
     ElementFailure,
@@ -44,7 +46,10 @@ FAILURES: tuple[tuple[type[BaseException], CKR, bool], ...] = (
     (MechanismRefused, CKR.MECHANISM_INVALID, True),
     (InputRefused, CKR.DATA_INVALID, True),
     (KeyRefused, CKR.KEY_FUNCTION_NOT_PERMITTED, True),
+    (GridUnreachable, CKR.DEVICE_REMOVED, True),  # before ElementAbsent, its parent
     (ElementAbsent, CKR.TOKEN_NOT_PRESENT, True),
+    (ElementRefused, CKR.TOKEN_NOT_RECOGNIZED, True),
+    (SessionUnknown, CKR.DEVICE_ERROR, True),
     (ElementFailure, CKR.DEVICE_ERROR, True),
     (ConfigError, CKR.GENERAL_ERROR, True),
     (MemoryError, CKR.HOST_MEMORY, False),

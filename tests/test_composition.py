@@ -45,7 +45,7 @@ print("composed: ok")
 
 def test_raw_only_element(sandbox: dict[str, str], sandbox_environ: dict[str, str],
                           tmp_path: Path) -> None:
-    original = Path(sandbox["P11GRID_CONF"]).read_text()
+    original = Path(sandbox["P11GRID_LOCAL_CONF"]).read_text()
     assert "[secure_element.environment]" in original
     restricted = original.replace(
         "[secure_element.environment]",

@@ -333,6 +333,10 @@ def _element_error(exc: Exception) -> ElementError:
     return ElementFailure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+KEY_KINDS = {"rsa2048": (KeyType.RSA, 2048), "rsa3072": (KeyType.RSA, 3072),
+             "ec256": (KeyType.EC, "secp256r1"), "ec384": (KeyType.EC, "secp384r1")}
+
+
 class Pkcs11Token:
     """The token labelled `token_label` inside the PKCS#11 library at `library`."""
 
@@ -527,3 +531,40 @@ class Pkcs11Token:
             return b""
         with self._calling(), self._worker() as worker:
             return bytes(worker.session.generate_random(length * 8))
+
+    def generate_key(self, pin: str, label: str, key_id: bytes, kind: str) -> None:
+        """Generate a key pair inside the token: the private half is born sensitive and
+        non-extractable and never leaves it."""
+        from pkcs11.constants import MechanismFlag
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        if kind not in KEY_KINDS:
+            raise KeyRefused(f"unknown key kind {kind!r} (known: {', '.join(KEY_KINDS)})")
+        key_type, size = KEY_KINDS[kind]
+        rsa_key = key_type == KeyType.RSA
+        self.open()
+        assert self._token is not None
+        public_template = {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True,
+                           Attribute.ENCRYPT: rsa_key, Attribute.WRAP: False}
+        private_template = {Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                            Attribute.SIGN: True, Attribute.DECRYPT: rsa_key,
+                            Attribute.UNWRAP: False, Attribute.DERIVE: False}
+        capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
+        if rsa_key:
+            capabilities |= MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+        try:
+            with self._token.open(rw=True, user_pin=pin) as session:
+                if rsa_key:
+                    session.generate_keypair(KeyType.RSA, size, id=key_id, label=label, store=True,
+                                             capabilities=capabilities,
+                                             public_template=public_template,
+                                             private_template=private_template)
+                else:
+                    public_template[Attribute.EC_PARAMS] = encode_named_curve_parameters(size)
+                    session.generate_keypair(KeyType.EC, id=key_id, label=label, store=True,
+                                             capabilities=capabilities,
+                                             public_template=public_template,
+                                             private_template=private_template)
+        except p11x.PKCS11Error as exc:
+            raise _element_error(exc) from exc

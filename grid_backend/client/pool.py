@@ -1,0 +1,229 @@
+"""Persistent TLS connections to the grid service, with deadlines, failover and fork safety.
+
+Nothing here connects, or even imports `ssl`, until the first request: the PKCS#11 module
+builds a pool in C_Initialize, which an OpenSSL engine calls while OpenSSL is still
+loading its configuration, and which nginx calls in its master before forking.
+
+Retries: a request is sent again only when it is idempotent, or when it provably never
+left this process (the connection failed before the request was written to it: refused,
+TLS handshake failed, or an idle pooled connection found closed by the grid).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grid_backend.protocol import (
+    DeadlineExceeded,
+    ProtocolViolation,
+    decode,
+    encode,
+    failure_from,
+    frame_length,
+)
+from grid_backend.secure_element import ElementAbsent, ElementFailure
+
+log = logging.getLogger("p11grid.grid.client")
+
+
+class GridUnreachable(ElementAbsent):
+    """No grid endpoint answered: the grid is gone (or the network to it)."""
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    endpoints: tuple[tuple[str, int], ...]
+    ca: Path
+    certificate: Path
+    key: Path
+    timeout: float = 5.0  # seconds: the deadline of one request, retries included
+    idle_connections: int = 8
+
+
+_clear_errors: Any = None
+
+
+def _clear_openssl_errors() -> None:
+    """Empty this thread's OpenSSL error queue before our TLS I/O.
+
+    Inside an OpenSSL host (the openssl CLI, nginx) the queue is shared with the host, and
+    a stale entry the host left there makes SSL_get_error() report our next read that
+    merely has to wait as a fatal error ("message digest is null" left by `openssl
+    pkeyutl`). OpenSSL asks callers to clear the queue before such calls; Python's ssl
+    module does not, so we do, on the libcrypto its _ssl module uses.
+    """
+    global _clear_errors
+    if _clear_errors is None:
+        import ctypes
+        import ctypes.util
+        import ssl
+
+        name = "libcrypto.so.3" if ssl.OPENSSL_VERSION_INFO[0] == 3 else \
+            ctypes.util.find_library("crypto")
+        function = ctypes.CDLL(name).ERR_clear_error
+        function.argtypes, function.restype = (), None
+        _clear_errors = function
+    _clear_errors()
+
+
+class _Connection:
+    def __init__(self, tls: Any, endpoint: tuple[str, int]) -> None:
+        self.tls = tls
+        self.endpoint = endpoint
+
+    def alive(self) -> bool:
+        """An idle connection has nothing to read; if it does, the grid closed it."""
+        try:
+            readable, _, _ = select.select([self.tls], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def exchange(self, message: bytes, deadline: float) -> list[Any]:
+        _clear_openssl_errors()
+        self._timeout(deadline)
+        self.tls.sendall(message)
+        header = self._read(4, deadline)
+        return decode(self._read(frame_length(header), deadline))
+
+    def _timeout(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the grid did not answer within the deadline")
+        self.tls.settimeout(remaining)
+
+    def _read(self, size: int, deadline: float) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < size:
+            self._timeout(deadline)
+            chunk = self.tls.recv(size - len(chunks))
+            if not chunk:
+                raise ConnectionResetError("the grid closed the connection")
+            chunks += chunk
+        return bytes(chunks)
+
+    def close(self) -> None:
+        try:
+            self.tls.close()
+        except OSError:
+            pass
+
+
+class GridPool:
+    def __init__(self, settings: GridSettings) -> None:
+        if not settings.endpoints:
+            raise ElementFailure("no grid endpoint configured")
+        self.settings = settings
+        self._pid = os.getpid()
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._context: Any = None
+        self._ids = itertools.count(1)
+        self._preferred = 0  # index of the endpoint that answered last
+
+    def _forked(self) -> None:
+        # A child must not touch its parent's TLS connections: drop, never close or use.
+        if self._pid != os.getpid():
+            self._pid, self._idle, self._context = os.getpid(), [], None
+            self._lock = threading.Lock()
+
+    def _tls_context(self) -> Any:
+        if self._context is None:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_verify_locations(cafile=str(self.settings.ca))
+            context.load_cert_chain(str(self.settings.certificate), str(self.settings.key))
+            self._context = context
+        return self._context
+
+    def _connect(self, deadline: float) -> _Connection:
+        """A new connection, to the first endpoint that answers, starting with the last good one."""
+        endpoints = self.settings.endpoints
+        order = [endpoints[(self._preferred + i) % len(endpoints)] for i in range(len(endpoints))]
+        reasons = []
+        for endpoint in order:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            raw = None
+            try:
+                raw = socket.create_connection(endpoint, timeout=remaining)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                raw.settimeout(max(deadline - time.monotonic(), 0.001))
+                context = self._tls_context()
+                _clear_openssl_errors()
+                tls = context.wrap_socket(raw, server_hostname=endpoint[0])
+            except OSError as exc:  # ssl.SSLError is an OSError
+                if raw is not None:
+                    raw.close()
+                reasons.append(f"{endpoint[0]}:{endpoint[1]}: {exc}")
+                continue
+            self._preferred = endpoints.index(endpoint)
+            return _Connection(tls, endpoint)
+        raise GridUnreachable("no grid endpoint answered: " + "; ".join(reasons or ["deadline"]))
+
+    def _take(self, deadline: float) -> _Connection:
+        with self._lock:
+            self._forked()
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.alive():
+                    return connection
+                connection.close()  # closed by the grid while idle: never used, nothing lost
+        return self._connect(deadline)
+
+    def _give(self, connection: _Connection) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < self.settings.idle_connections:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def call(self, operation: str, arguments: dict[str, Any], *, idempotent: bool,
+             timeout: float | None = None) -> dict[str, Any]:
+        """One request; its reply body, or the ElementError the grid (or the wire) gave."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.timeout)
+        while True:
+            connection = self._take(deadline)
+            request_id = next(self._ids)
+            remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            message = encode([request_id, operation, remaining_ms, arguments])
+            try:
+                reply = connection.exchange(message, deadline)
+            except (DeadlineExceeded, TimeoutError) as exc:
+                connection.close()  # a late reply must never be read as another's
+                raise DeadlineExceeded(f"{operation}: no reply from the grid at "
+                                       f"{connection.endpoint[0]}:{connection.endpoint[1]} "
+                                       "within the deadline") from exc
+            except (OSError, ProtocolViolation) as exc:
+                connection.close()
+                if idempotent and time.monotonic() < deadline:
+                    log.info("%s: connection to the grid lost (%s); retrying", operation, exc)
+                    continue
+                raise ElementFailure(f"{operation}: connection to the grid lost ({exc}); "
+                                     "not retried, the element may have acted") from exc
+            if len(reply) != 3 or reply[0] != request_id or not isinstance(reply[2], dict):
+                connection.close()
+                raise ProtocolViolation(f"{operation}: a reply that is not ours")
+            self._give(connection)
+            if reply[1] is True:
+                return reply[2]
+            raise failure_from(reply[2])
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        if self._pid == os.getpid():
+            for connection in idle:
+                connection.close()

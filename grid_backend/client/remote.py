@@ -1,0 +1,133 @@
+"""A secure element behind the grid, as the PKCS#11 module sees it.
+
+Public objects and mechanisms are fetched once when the element is opened and served from
+here afterwards: C_FindObjects, C_GetAttributeValue and length queries cost no round
+trip. The PIN stays in this process's memory after login so that, when the grid has lost
+the session (it restarted), the element logs in again by itself and the operation that
+found the session gone (which the grid refused before touching the element) is repeated.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from grid_backend.client.pool import GridPool
+from grid_backend.protocol import SessionUnknown
+from grid_backend.secure_element import (
+    ElementAbsent,
+    ElementInfo,
+    ElementObject,
+    MechanismParameters,
+    NotLoggedIn,
+    OaepParameters,
+    PssParameters,
+)
+
+
+def _objects(listed: Any) -> list[ElementObject]:
+    return [ElementObject(ref=ref, attributes={int(k): bytes(v) for k, v in attributes.items()})
+            for ref, attributes in listed]
+
+
+def _parameters(parameters: MechanismParameters) -> Any:
+    if isinstance(parameters, PssParameters):
+        return ["pss", parameters.hash_mechanism, parameters.mgf, parameters.salt_length]
+    if isinstance(parameters, OaepParameters):
+        return ["oaep", parameters.hash_mechanism, parameters.mgf, parameters.label]
+    return None
+
+
+class RemoteElement:
+    def __init__(self, pool: GridPool, seid: str) -> None:
+        self.pool = pool
+        self.seid = seid
+        self._public: list[ElementObject] | None = None
+        self._private: list[ElementObject] = []
+        self._mechanisms: frozenset[int] = frozenset()
+        self._session: str | None = None
+        self._pin: str | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        if self._public is not None:
+            return
+        reply = self.pool.call("objects", {"seid": self.seid}, idempotent=True)
+        self._mechanisms = frozenset(int(m) for m in reply.get("mechanisms", ()))
+        self._public = _objects(reply.get("objects", ()))
+
+    def close(self) -> None:
+        if self._session is not None:
+            try:
+                self.pool.call("logout", {"seid": self.seid, "session": self._session},
+                               idempotent=True, timeout=1.0)
+            except Exception:  # closing must not fail; the grid forgets it at restart
+                pass
+        self._session, self._pin, self._public = None, None, None
+
+    def info(self) -> ElementInfo:
+        return ElementInfo(manufacturer="p11grid", model="grid element", serial=self.seid)
+
+    def mechanisms(self) -> frozenset[int]:
+        return self._mechanisms
+
+    def public_objects(self) -> list[ElementObject]:
+        if self._public is None:
+            raise ElementAbsent(f"element {self.seid} is not open")
+        return list(self._public)
+
+    def _login(self, pin: str) -> None:
+        # Not idempotent: a wrong PIN sent twice counts twice at the element.
+        reply = self.pool.call("login", {"seid": self.seid, "pin": pin}, idempotent=False)
+        self._session = str(reply["session"])
+        self._private = _objects(reply.get("objects", ()))
+
+    def login(self, pin: str) -> None:
+        with self._lock:
+            self._login(pin)
+            self._pin = pin
+
+    def logout(self) -> None:
+        with self._lock:
+            session, self._session, self._pin = self._session, None, None
+            self._private = []
+        if session is not None:
+            self.pool.call("logout", {"seid": self.seid, "session": session}, idempotent=True)
+
+    def private_objects(self) -> list[ElementObject]:
+        if self._session is None:
+            raise NotLoggedIn("log in before listing private objects")
+        return list(self._private)
+
+    def _operate(self, operation: str, key: ElementObject, mechanism: int,
+                 parameters: MechanismParameters, data: bytes) -> bytes:
+        for attempt in (1, 2):
+            session = self._session
+            if session is None:
+                raise NotLoggedIn("log in first")
+            try:
+                reply = self.pool.call(operation, {
+                    "seid": self.seid, "session": session, "ref": key.ref,
+                    "mechanism": mechanism, "parameters": _parameters(parameters),
+                    "data": data}, idempotent=False)
+                return bytes(reply["result"])
+            except SessionUnknown:
+                # The grid refused before asking the element: log in again, repeat once.
+                with self._lock:
+                    if attempt == 2 or self._pin is None:
+                        raise
+                    if self._session == session:
+                        self._login(self._pin)
+        raise AssertionError("unreachable")
+
+    def sign(self, key: ElementObject, mechanism: int, parameters: MechanismParameters,
+             data: bytes) -> bytes:
+        return self._operate("sign", key, mechanism, parameters, data)
+
+    def decrypt(self, key: ElementObject, mechanism: int, parameters: MechanismParameters,
+                data: bytes) -> bytes:
+        return self._operate("decrypt", key, mechanism, parameters, data)
+
+    def random(self, length: int) -> bytes:
+        reply = self.pool.call("random", {"seid": self.seid, "length": length}, idempotent=True)
+        return bytes(reply["result"])

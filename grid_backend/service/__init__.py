@@ -1,0 +1,1 @@
+"""The grid service: hosts secure elements and serves them to authenticated callers."""

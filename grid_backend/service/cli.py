@@ -1,0 +1,208 @@
+"""`p11grid grid serve|add-se|keygen|bind|unbind|list`: run and administer the grid."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from grid_backend.elements import DRIVERS, open_element
+from grid_backend.registry import ElementRecord, KeyRecord, RegistryError, SqliteRegistry
+from grid_backend.secure_element import ElementError
+
+DEFAULT_REGISTRY = "/var/lib/p11grid/registry.sqlite"
+log = logging.getLogger("p11grid.grid")
+
+
+def _registry(arguments: argparse.Namespace) -> SqliteRegistry:
+    path = Path(arguments.registry or os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteRegistry(path)
+
+
+def _handler(path: Path | None) -> logging.Handler:
+    if path is not None:
+        return logging.FileHandler(path, encoding="utf-8")
+    if os.path.exists("/dev/log"):
+        return logging.handlers.SysLogHandler(address="/dev/log")
+    return logging.StreamHandler(sys.stderr)
+
+
+def serve(arguments: argparse.Namespace) -> int:
+    from grid_backend.service.config import GridConfigError, load
+    from grid_backend.service.server import GridServer, GridService
+
+    try:
+        config = load(Path(arguments.config))
+    except GridConfigError as exc:
+        print(f"p11grid grid serve: {exc}", file=sys.stderr)
+        return 2
+    service_log = _handler(config.log_file)
+    service_log.setFormatter(logging.Formatter(
+        "%(asctime)s p11grid-grid[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    grid_logger = logging.getLogger("p11grid")
+    grid_logger.addHandler(service_log)
+    grid_logger.setLevel(logging.INFO)
+    audit_logger = logging.getLogger("p11grid.audit")
+    audit_logger.propagate = False
+    audit_handler = _handler(config.audit_log)
+    audit_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    audit_logger.addHandler(audit_handler)
+    try:
+        registry = SqliteRegistry(config.registry)
+        server = GridServer(config, GridService(registry))
+        server.start()
+    except (RegistryError, OSError) as exc:
+        print(f"p11grid grid serve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    racs = None
+    if config.racs is not None:
+        from grid_backend.racs.hosting import start_racs
+
+        racs = start_racs(config.racs, server.service)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if config.pid_file is not None:
+        config.pid_file.write_text(f"{os.getpid()}\n")
+    print(f"p11grid grid: serving on {config.listen.host}:{server.port}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        if racs is not None:
+            racs.stop()
+        server.stop()
+        if config.pid_file is not None:
+            config.pid_file.unlink(missing_ok=True)
+        log.info("grid service stopped")
+    return 0
+
+
+def _settings(arguments: argparse.Namespace) -> dict[str, Any]:
+    environment = {}
+    for item in arguments.env or []:
+        name, _, value = item.partition("=")
+        if not name or not _:
+            raise RegistryError(f"--env takes NAME=VALUE, not {item!r}")
+        environment[name] = value
+    if arguments.driver == "pkcs11":
+        if not arguments.library or not arguments.token_label:
+            raise RegistryError("--driver pkcs11 needs --library and --token-label")
+        return {"library": arguments.library, "token_label": arguments.token_label,
+                "environment": environment}
+    settings: dict[str, Any] = json.loads(arguments.settings or "{}")
+    return settings
+
+
+def add_se(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    record = ElementRecord(arguments.seid, arguments.label or arguments.seid, arguments.driver,
+                           _settings(arguments))
+    registry.add_element(record)
+    print(f"added secure element {record.seid} ({record.driver}, label {record.label})")
+    return 0
+
+
+def keygen(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    record = registry.element(arguments.seid)
+    element: Any = open_element(record.driver, dict(record.settings))
+    if not hasattr(element, "generate_key"):
+        raise RegistryError(f"the {record.driver} driver cannot generate keys")
+    pin = arguments.pin or os.environ.get("P11GRID_PIN")
+    if not pin:
+        raise RegistryError("give the element's user PIN with --pin or $P11GRID_PIN")
+    key_id = bytes.fromhex(arguments.id)
+    element.generate_key(pin, arguments.label, key_id, arguments.kind)
+    registry.add_key(KeyRecord(record.seid, arguments.label, key_id.hex(), arguments.kind))
+    element.close()
+    print(f"generated {arguments.kind} key {arguments.label} (id {key_id.hex()}) inside "
+          f"{record.seid}")
+    return 0
+
+
+def bind(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    if arguments.unbind:
+        registry.unbind(arguments.identity, arguments.seid)
+        print(f"unbound {arguments.identity} from {arguments.seid}")
+    else:
+        registry.bind(arguments.identity, arguments.seid)
+        print(f"bound {arguments.identity} to {arguments.seid}")
+    return 0
+
+
+def list_registry(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    bindings = registry.bindings()
+    for record in registry.elements():
+        print(f"{record.seid}\t{record.driver}\tlabel={record.label}")
+        for key in registry.keys(record.seid):
+            print(f"  key {key.label}\tid={key.key_id}\t{key.kind}")
+        for identity, seid in bindings:
+            if seid == record.seid:
+                print(f"  bound to {identity}")
+    return 0
+
+
+def _guarded(action: Any) -> Any:
+    def run(arguments: argparse.Namespace) -> int:
+        try:
+            return int(action(arguments))
+        except (RegistryError, ElementError, ValueError) as exc:
+            print(f"p11grid grid {arguments.grid_action}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def register(commands: Any) -> None:
+    grid = commands.add_parser("grid", help="run and administer the grid of secure elements")
+    actions = grid.add_subparsers(dest="grid_action", required=True)
+
+    def with_registry(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--registry", help=f"SQLite registry (default $P11GRID_REGISTRY, "
+                                               f"else {DEFAULT_REGISTRY})")
+        return parser
+
+    serve_parser = actions.add_parser("serve", help="run the grid service")
+    serve_parser.add_argument("--config", required=True, help="the service's TOML config")
+    serve_parser.set_defaults(func=serve)
+
+    add = with_registry(actions.add_parser("add-se", help="register a secure element"))
+    add.add_argument("--seid", required=True, help="the element's id at the grid")
+    add.add_argument("--label", help="token label shown to callers (default: the seid)")
+    add.add_argument("--driver", required=True, choices=DRIVERS)
+    add.add_argument("--library", help="pkcs11: the PKCS#11 library")
+    add.add_argument("--token-label", help="pkcs11: the token's label in that library")
+    add.add_argument("--env", action="append", metavar="NAME=VALUE",
+                     help="pkcs11: environment for the library (e.g. SOFTHSM2_CONF=...)")
+    add.add_argument("--settings", help="piv: the driver's settings as JSON")
+    add.set_defaults(func=_guarded(add_se))
+
+    generate = with_registry(actions.add_parser(
+        "keygen", help="generate a key pair inside an element (never imported)"))
+    generate.add_argument("--seid", required=True)
+    generate.add_argument("--label", required=True)
+    generate.add_argument("--id", required=True, help="CKA_ID, hex")
+    generate.add_argument("--kind", required=True, choices=("rsa2048", "rsa3072", "ec256",
+                                                            "ec384"))
+    generate.add_argument("--pin", help="the element's user PIN (default $P11GRID_PIN)")
+    generate.set_defaults(func=_guarded(keygen))
+
+    binding = with_registry(actions.add_parser(
+        "bind", help="let an identity (spiffe://.../vm/NAME, or a certificate CN) use an element"))
+    binding.add_argument("--identity", required=True)
+    binding.add_argument("--seid", required=True)
+    binding.add_argument("--unbind", action="store_true", help="remove the binding instead")
+    binding.set_defaults(func=_guarded(bind))
+
+    listing = with_registry(actions.add_parser("list", help="elements, keys and bindings"))
+    listing.set_defaults(func=_guarded(list_registry))

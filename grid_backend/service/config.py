@@ -1,0 +1,131 @@
+"""The grid service's configuration (`p11grid grid serve --config FILE`), TOML:
+
+    [grid]
+    listen = "127.0.0.1:7443"        # host:port; 127.0.0.1 unless you mean otherwise
+    certificate = "/etc/p11grid/grid.pem"   # the service's TLS certificate chain
+    key = "/etc/p11grid/grid.key"
+    client_ca = "/etc/p11grid/ca.pem"       # callers' certificates must chain to it
+    registry = "/var/lib/p11grid/registry.sqlite"
+    audit_log = "/var/log/p11grid/audit.log" # one JSON line per operation; omit: syslog
+    log_file = "/var/log/p11grid/grid.log"   # omit: syslog, else stderr
+    pid_file = "/run/p11grid/grid.pid"       # optional
+    max_connections = 256
+    idle_timeout = 600                       # seconds a quiet connection is kept
+
+    [racs]                                   # optional: the RACS server of the grid
+    listen = "127.0.0.1:7777"
+    certificate = ".../racs.pem"
+    key = ".../racs.key"
+    client_ca = ".../ca.pem"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class GridConfigError(Exception):
+    """The grid config is missing or wrong; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> Endpoint:
+        host, _, port = text.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise GridConfigError(f"{where}: {text!r} is not host:port")
+        return cls(host.strip("[]"), int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    certificate: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True)
+class RacsSettings:
+    listen: Endpoint
+    tls: TlsFiles
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    path: Path
+    listen: Endpoint
+    tls: TlsFiles
+    registry: Path
+    audit_log: Path | None
+    log_file: Path | None
+    pid_file: Path | None
+    max_connections: int
+    idle_timeout: float
+    racs: RacsSettings | None
+
+
+def _path(table: dict[str, Any], key: str, where: str, required: bool = True) -> Path | None:
+    value = table.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise GridConfigError(f"{where}: {key} must be an absolute path")
+    return Path(value)
+
+
+def _tls(table: dict[str, Any], where: str) -> TlsFiles:
+    files = [_path(table, k, where) for k in ("certificate", "key", "client_ca")]
+    return TlsFiles(*files)  # type: ignore[arg-type]
+
+
+def load(path: Path) -> GridConfig:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise GridConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise GridConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(data) - {"grid", "racs"}
+    if unknown:
+        raise GridConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
+    grid = data.get("grid")
+    if not isinstance(grid, dict):
+        raise GridConfigError(f"{path}: a [grid] table is needed")
+    where = f"{path} [grid]"
+    known = {"listen", "certificate", "key", "client_ca", "registry", "audit_log", "log_file",
+             "pid_file", "max_connections", "idle_timeout"}
+    if set(grid) - known:
+        raise GridConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(grid) - known))}")
+    racs = None
+    if "racs" in data:
+        table = data["racs"]
+        racs = RacsSettings(Endpoint.parse(str(table.get("listen", "127.0.0.1:7777")),
+                                           f"{path} [racs]"), _tls(table, f"{path} [racs]"))
+    max_connections = grid.get("max_connections", 256)
+    idle_timeout = grid.get("idle_timeout", 600)
+    if not isinstance(max_connections, int) or max_connections < 1:
+        raise GridConfigError(f"{where}: max_connections must be a positive integer")
+    if not isinstance(idle_timeout, (int, float)) or idle_timeout <= 0:
+        raise GridConfigError(f"{where}: idle_timeout must be a positive number of seconds")
+    return GridConfig(
+        path=path,
+        listen=Endpoint.parse(str(grid.get("listen", "127.0.0.1:7443")), where),
+        tls=_tls(grid, where),
+        registry=_path(grid, "registry", where),  # type: ignore[arg-type]
+        audit_log=_path(grid, "audit_log", where, required=False),
+        log_file=_path(grid, "log_file", where, required=False),
+        pid_file=_path(grid, "pid_file", where, required=False),
+        max_connections=max_connections,
+        idle_timeout=float(idle_timeout),
+        racs=racs,
+    )

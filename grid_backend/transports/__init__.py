@@ -1,0 +1,1 @@
+"""APDU transports: PC/SC (pyscard) and RACS."""
