@@ -32,6 +32,20 @@ MAX_SESSIONS = 4096
 CKA_LABEL = 0x3
 
 
+def stable_refs(objects: list[ElementObject]) -> dict[str, ElementObject]:
+    """Objects by a name that survives a restart of the service (an element's own handles
+    need not: SoftHSM2 numbers objects per process). Callers keep these names."""
+    named: dict[str, ElementObject] = {}
+    for obj in objects:
+        a = obj.attributes
+        base = "/".join(a.get(t, b"").hex() for t in (0x0, 0x102, 0x3))  # class, id, label
+        n = 0
+        while f"{base}/{n}" in named:
+            n += 1
+        named[f"{base}/{n}"] = obj
+    return named
+
+
 def _verifier(pin: str, salt: bytes) -> bytes:
     return hashlib.scrypt(pin.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
 
@@ -57,7 +71,7 @@ class HostedElement:
         self._salt = os.urandom(16)
         self._verifier: bytes | None = None
         self._sessions: OrderedDict[str, GridSession] = OrderedDict()
-        self._private: dict[object, ElementObject] = {}
+        self._private: dict[str, ElementObject] = {}
 
     def open(self) -> None:
         with self._lock:
@@ -80,9 +94,9 @@ class HostedElement:
             mechanisms &= self._allowed_mechanisms
         return mechanisms
 
-    def public_objects(self) -> list[ElementObject]:
+    def public_objects(self) -> dict[str, ElementObject]:
         self.open()
-        return self.element.public_objects()
+        return stable_refs(self.element.public_objects())
 
     def login(self, identity: str, pin: str) -> GridSession:
         self.open()
@@ -90,7 +104,7 @@ class HostedElement:
             if self._verifier is not None:
                 if hmac.compare_digest(self._verifier, _verifier(pin, self._salt)):
                     # Keys may have been generated since the first login.
-                    self._private = {o.ref: o for o in self.element.private_objects()}  # type: ignore[misc]
+                    self._private = stable_refs(self.element.private_objects())
                     return self._new_session(identity)
                 # Not the PIN the element accepted: let the element judge (and count) it.
                 log.info("element %s: a PIN that differs from the logged-in one; asking the "
@@ -98,7 +112,7 @@ class HostedElement:
                 self._logout()
             self.element.login(pin)  # PinIncorrect / PinLocked come from the element
             self._verifier = _verifier(pin, self._salt)
-            self._private = {o.ref: o for o in self.element.private_objects()}  # type: ignore[misc]
+            self._private = stable_refs(self.element.private_objects())
             return self._new_session(identity)
 
     def _new_session(self, identity: str) -> GridSession:
@@ -129,12 +143,12 @@ class HostedElement:
             raise SessionUnknown("no such grid session; log in again")
         return session
 
-    def private_objects(self, token: str, identity: str) -> list[ElementObject]:
+    def private_objects(self, token: str, identity: str) -> dict[str, ElementObject]:
         self.session(token, identity)
-        return list(self._private.values())
+        return dict(self._private)
 
     def _key(self, ref: object) -> ElementObject:
-        key = self._private.get(ref)
+        key = self._private.get(ref)  # type: ignore[call-overload]
         if key is None:
             raise NotLoggedIn(f"no private key {ref!r} on element {self.seid}")
         return key
@@ -151,7 +165,7 @@ class HostedElement:
 
     def key_label(self, ref: object) -> str:
         """For the audit line: the label of a private key, if known."""
-        key = self._private.get(ref)
+        key = self._private.get(ref)  # type: ignore[call-overload]
         return key.attributes.get(CKA_LABEL, b"").decode(errors="replace") if key else ""
 
     def random(self, length: int) -> bytes:

@@ -63,8 +63,8 @@ def _parameters(value: Any) -> MechanismParameters:
     raise ProtocolViolation("unknown mechanism parameters")
 
 
-def _objects(objects: list[ElementObject]) -> list[list[Any]]:
-    return [[o.ref, o.attributes] for o in objects]
+def _objects(objects: dict[str, ElementObject]) -> list[list[Any]]:
+    return [[ref, o.attributes] for ref, o in objects.items()]
 
 
 class GridService:
