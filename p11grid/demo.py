@@ -1,9 +1,11 @@
-"""`make demo`: nginx serves TLS 1.2 and 1.3 with keys that never leave the secure element.
+"""`make demo`: nginx serves TLS 1.2 and 1.3 with keys held in the grid of secure elements.
 
-Steps: build a sandbox; sign through our module with the OpenSSL CLI (libp11 engine) and
-check the signatures against the certificates; start nginx with both keys; fetch pages
-with curl, which verifies the server against the sandbox CA; stop everything. Exits
-non-zero with the reason and the tails of nginx's and the module's logs on any failure.
+Steps: build a sandbox (its grid service hosts the token); sign through our module with
+the OpenSSL CLI (libp11 engine) and check the signatures against the certificates; start
+nginx with both keys; fetch pages with curl, which verifies the server against the
+sandbox CA; show from the grid's audit log that the signatures were made in the grid, by
+the VM's identity; stop everything. Exits non-zero with the reason and the tails of
+nginx's and the module's logs on any failure.
 """
 
 from __future__ import annotations
@@ -222,13 +224,33 @@ def _print_logs(box: sandbox.Sandbox) -> None:
         _say(nginx.tail(path, 25))
 
 
+def check_grid_audit(audit_log: Path, tally: Tally) -> None:
+    """The grid's own record: who signed with which key, and that all went well."""
+    import json
+
+    try:
+        records = [json.loads(line.split(" ", 2)[2])
+                   for line in audit_log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, IndexError) as error:
+        tally.check(False, "the grid's audit log is readable", str(error))
+        return
+    signs = [r for r in records if r.get("op") == "sign"]
+    callers = sorted({r.get("caller", "?") for r in signs})
+    keys = sorted({r.get("key", "?") for r in signs})
+    failed = [r for r in signs if r.get("result") != "ok"]
+    tally.check(bool(signs) and not failed,
+                f"{audit_log.name}: {len(signs)} signatures made in the grid with "
+                f"{', '.join(keys)} for {', '.join(callers)}",
+                f"{len(failed)} of {len(signs)} signatures in the grid failed")
+
+
 def run(requests: int, direct: bool, keep: bool) -> int:
     tally = Tally()
     directory = Path(tempfile.mkdtemp(prefix="p11grid-demo-"))
     box = sandbox.Sandbox(directory)
     server: nginx.NginxServer | None = None
     through = "SoftHSM2 directly (--direct)" if direct else f"our module {paths.MODULE_PATH}"
-    _say("p11grid demo: nginx serves TLS with keys that never leave the secure element")
+    _say("p11grid demo: nginx serves TLS with keys held in the grid of secure elements")
     _say(f"  keys reached through {through}")
     try:
         _say("\n[1/4] p11grid sandbox up")
@@ -262,6 +284,7 @@ def run(requests: int, direct: bool, keep: bool) -> int:
         check_tls(server, box.ca_cert, requests, tally)
         if not direct:
             check_module_in_nginx(server, workers, box.module_log, tally)
+            check_grid_audit(box.grid.audit_log, tally)
         return 0 if not tally.failures else 1
     except Exception as error:  # nginx and the sandbox are still cleaned up below
         tally.check(False, "the demo ran to its end", f"{type(error).__name__}: {error}")
