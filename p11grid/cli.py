@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from grid_backend.racs import cli as racs_cli
 from grid_backend.service import cli as grid_cli
 from p11grid import paths, sandbox
 
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sandbox_parser.set_defaults(func=_sandbox)
     grid_cli.register(commands)
+    racs_cli.register(commands)
     return parser
 
 
