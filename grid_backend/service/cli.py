@@ -52,7 +52,8 @@ def serve(arguments: argparse.Namespace) -> int:
     grid_logger.setLevel(logging.INFO)
     audit_logger = logging.getLogger("p11grid.audit")
     audit_logger.propagate = False
-    audit_handler = _handler(config.audit_log)
+    # With an audit_log file the server appends to it itself; this is the fallback.
+    audit_handler = _handler(None)
     audit_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     audit_logger.addHandler(audit_handler)
     try:
