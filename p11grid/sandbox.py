@@ -2,10 +2,12 @@
 
 `up` lays out, inside DIR: a SoftHSM2 token `vm-se` with an RSA-2048 and an EC P-256 key
 generated inside it, a throwaway CA that certifies both for TLS on localhost (certificates
-stored in the token too), a grid service (DIR/grid) hosting the token and serving it over
-TLS to the VM's identity, the module config pointing at the grid (and a second one,
-p11grid-local.toml, driving the token in-process), an OpenSSL config that loads the
-libp11 engine on our module, and DIR/env to source. `down` stops what state.json
+stored in the token too), a virtual PIV card `piv-se` (DIR/piv) with an RSA-2048 key
+`piv-rsa` generated inside it, run with its own pcscd in a network namespace of its own, a
+grid service (DIR/grid) hosting both elements, serving them over TLS to the VM's identity
+and the card over RACS to `racs-admin`, the module config pointing at the grid (and a
+second one, p11grid-local.toml, driving the token in-process), an OpenSSL config that
+loads the libp11 engine on our module, and DIR/env to source. `down` stops what state.json
 recorded and removes DIR. Everything a later step or test needs is named in DIR/env.
 """
 
@@ -31,13 +33,14 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from p11grid import ca, paths, sandbox_grid, sandbox_token
+from p11grid import ca, paths, sandbox_grid, sandbox_piv, sandbox_token
 
 Say = Callable[[str], None]
 
 TOKEN_LABEL = "vm-se"
 CA_COMMON_NAME = "p11grid sandbox CA"
-USER_PIN_DIGITS = 12
+# A PIV PIN is 6 to 8 digits, and one PIN (P11GRID_PIN) opens both elements.
+USER_PIN_DIGITS = 8
 SO_PIN_DIGITS = 16
 STOP_DEADLINE_SECONDS = 10.0
 STATE_VERSION = 1
@@ -63,8 +66,15 @@ ENV_NAMES = (
     "P11GRID_GRID_ADDR",
     "P11GRID_GRID_CONF",
     "P11GRID_REGISTRY",
+    "P11GRID_PIV_URI",
+    "P11GRID_RACS_ADDR",
+    "P11GRID_RACS_CERT",
+    "P11GRID_RACS_KEY",
+    "P11GRID_RACS_CA",
+    "PCSCLITE_CSOCK_NAME",
 )
 GRID_PROCESS = "grid"
+PIV_PROCESS = "piv"
 
 
 class SandboxError(RuntimeError):
@@ -104,6 +114,10 @@ class Sandbox:
     @property
     def grid(self) -> sandbox_grid.GridLayout:
         return sandbox_grid.GridLayout(self.directory / "grid")
+
+    @property
+    def piv(self) -> sandbox_piv.PivLayout:
+        return sandbox_piv.PivLayout(self.directory / "piv")
 
     @property
     def module_log(self) -> Path:
@@ -230,11 +244,22 @@ def _running(entry: dict[str, Any]) -> bool:
     group = entry.get("process_group")
     if not group:
         return False
-    try:
-        os.killpg(int(group), 0)  # members left behind by a dead leader (orphaned workers)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    return _group_has_live_members(int(group))
+
+
+def _group_has_live_members(group: int) -> bool:
+    """Members left behind by a dead leader (orphaned workers). Zombies do not count: a
+    leader whose parent (`sandbox up`) has exited waits for init to reap it, which can take
+    seconds, and kill(-group, 0) still succeeds on it meanwhile."""
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_file.read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == group:
+            return True
+    return False
 
 
 def _signal(entry: dict[str, Any], signum: int) -> None:
@@ -401,7 +426,11 @@ def up(directory: Path, say: Say = print) -> Sandbox:
     try:
         _build(sandbox, say)
     except BaseException:
-        # Leave nothing half-built behind: the directory was new or empty.
+        # Leave nothing half-built behind: no process we started, nothing in the directory
+        # (it was new or empty).
+        with contextlib.suppress(SandboxError, OSError):
+            for entry in reversed(read_state(directory)["processes"]):
+                stop_process(entry, lambda line: None)
         if created:
             shutil.rmtree(directory, ignore_errors=True)
         elif directory.is_dir():
@@ -471,26 +500,54 @@ def _build(sandbox: Sandbox, say: Say) -> None:
             f"{sandbox.certificate(spec.label)}, also stored in the token (id {spec.key_id.hex()})"
         )
 
+    piv = sandbox.piv
+    try:
+        sandbox_piv.check_requirements(piv)
+        sandbox_piv.create_card(piv, pin, sandbox.ca_cert, sandbox.ca_key,
+                                sandbox.certificate(sandbox_piv.KEY_LABEL))
+    except (sandbox_piv.PivSetupError, ValueError, OSError) as error:
+        raise SandboxError(f"virtual PIV card: {error}") from None
+    say(f"sandbox: created the virtual PIV card '{sandbox_piv.SEID}' in {piv.card_state}: "
+        f"RSA-2048 key '{sandbox_piv.KEY_LABEL}' generated inside it (slot "
+        f"{sandbox_piv.KEY_SLOT.upper()}), same user PIN, localhost certificate "
+        f"{sandbox.certificate(sandbox_piv.KEY_LABEL)}")
+    try:
+        piv_pid = sandbox_piv.start(piv)
+    except sandbox_piv.PivSetupError as error:
+        raise SandboxError(str(error)) from None
+    record_process(directory, PIV_PROCESS, piv_pid, process_group=piv_pid)
+    say(f"sandbox: pcscd, vpcd and the card (launcher pid {piv_pid}) run in a network "
+        f"namespace of their own; pcscd's socket is {piv.socket}")
+
     grid = sandbox.grid
     sandbox_grid.issue_identities(grid, authority)
-    say(f"sandbox: issued TLS identities for the grid service and the VM "
-        f"({sandbox_grid.VM_IDENTITY}) in {grid.directory}")
+    say(f"sandbox: issued TLS identities for the grid service, its RACS server, the VM "
+        f"({sandbox_grid.VM_IDENTITY}) and the RACS client '{sandbox_grid.RACS_ADMIN}' in "
+        f"{grid.directory}")
     sandbox_grid.write_registry(grid, TOKEN_LABEL, softhsm_library, TOKEN_LABEL,
                                 sandbox.softhsm_conf,
                                 [(s.label, s.key_id.hex(), "rsa2048" if s.kind == "rsa"
                                   else "ec256") for s in sandbox_token.SANDBOX_KEYS])
-    say(f"sandbox: registry {grid.registry}: element '{TOKEN_LABEL}' bound to "
-        f"{sandbox_grid.VM_IDENTITY}")
+    sandbox_grid.register_piv(grid, sandbox_piv.SEID, sandbox_piv.element_settings(),
+                              [(sandbox_piv.KEY_LABEL, "01", "rsa2048")])
+    say(f"sandbox: registry {grid.registry}: elements '{TOKEN_LABEL}' and "
+        f"'{sandbox_piv.SEID}' bound to {sandbox_grid.VM_IDENTITY}; "
+        f"'{sandbox_grid.RACS_ADMIN}' administers '{sandbox_piv.SEID}' over RACS")
     port = sandbox_grid.free_port()
-    sandbox_grid.write_config(grid, sandbox.ca_cert, port)
-    grid_pid = sandbox_grid.start(grid, sandbox.ca_cert, port)
+    racs_port = sandbox_grid.free_port()
+    while racs_port == port:
+        racs_port = sandbox_grid.free_port()
+    sandbox_grid.write_config(grid, sandbox.ca_cert, port, racs_port)
+    # libpcsclite reads PCSCLITE_CSOCK_NAME once per process: the service gets it at start.
+    grid_pid = sandbox_grid.start(grid, sandbox.ca_cert, port, racs_port,
+                                  {"PCSCLITE_CSOCK_NAME": str(piv.socket)})
     record_process(directory, GRID_PROCESS, grid_pid, process_group=grid_pid)
-    say(f"sandbox: grid service (pid {grid_pid}) serving on 127.0.0.1:{port}, "
-        f"log {grid.log}, audit {grid.audit_log}")
+    say(f"sandbox: grid service (pid {grid_pid}) serving on 127.0.0.1:{port}, RACS on "
+        f"127.0.0.1:{racs_port}, log {grid.log}, audit {grid.audit_log}")
 
     sandbox.local_module_conf.write_text(_module_conf_text(sandbox, softhsm_library))
     sandbox.module_conf.write_text(sandbox_grid.module_config_text(
-        grid, sandbox.ca_cert, port, sandbox.module_log, TOKEN_LABEL))
+        grid, sandbox.ca_cert, port, sandbox.module_log, [TOKEN_LABEL, sandbox_piv.SEID]))
     say(f"sandbox: wrote {sandbox.module_conf} (module config: keys in the grid, log "
         f"{sandbox.module_log}) and {sandbox.local_module_conf} (the token in-process)")
 
@@ -524,6 +581,12 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         "P11GRID_GRID_ADDR": f"127.0.0.1:{port}",
         "P11GRID_GRID_CONF": str(grid.config),
         "P11GRID_REGISTRY": str(grid.registry),
+        "P11GRID_PIV_URI": key_uri(sandbox_piv.KEY_LABEL, sandbox_piv.SEID),
+        "P11GRID_RACS_ADDR": f"127.0.0.1:{racs_port}",
+        "P11GRID_RACS_CERT": str(grid.racs_client_cert),
+        "P11GRID_RACS_KEY": str(grid.racs_client_key),
+        "P11GRID_RACS_CA": str(sandbox.ca_cert),
+        "PCSCLITE_CSOCK_NAME": str(piv.socket),
     }
     assert tuple(variables) == ENV_NAMES
     ca.write_private_file(sandbox.env_file, _env_text(variables).encode())

@@ -19,6 +19,7 @@ from p11grid import ca
 TRUST_DOMAIN = "p11grid.sandbox"
 VM_NAME = "vm-1"
 VM_IDENTITY = f"spiffe://{TRUST_DOMAIN}/vm/{VM_NAME}"
+RACS_ADMIN = "racs-admin"  # the CN RACS lets use every element it exposes
 START_TIMEOUT_SECONDS = 30.0
 
 
@@ -55,6 +56,14 @@ class GridLayout:
     def audit_log(self) -> Path:
         return self.directory / "audit.log"
 
+    @property
+    def racs_client_cert(self) -> Path:
+        return self.directory / "racs-client.pem"
+
+    @property
+    def racs_client_key(self) -> Path:
+        return self.directory / "racs-client.key"
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -63,12 +72,16 @@ def free_port() -> int:
 
 
 def issue_identities(layout: GridLayout, authority: ca.SandboxCA) -> None:
-    """The grid's server identity and the VM's client identity, both from the sandbox CA."""
+    """From the sandbox CA: the grid's and its RACS server's server identities, the VM's
+    client identity, and the RACS administrator's client identity (CN racs-admin)."""
     layout.directory.mkdir(mode=0o700, exist_ok=True)
     ca.issue_identity(authority, layout.path("grid.key"), layout.path("grid.pem"), "grid",
                       uri=f"spiffe://{TRUST_DOMAIN}/grid/grid", server=True)
+    ca.issue_identity(authority, layout.path("racs.key"), layout.path("racs.pem"), "racs",
+                      uri=f"spiffe://{TRUST_DOMAIN}/grid/racs", server=True)
     ca.issue_identity(authority, layout.path("vm.key"), layout.path("vm.pem"), VM_NAME,
                       uri=VM_IDENTITY)
+    ca.issue_identity(authority, layout.racs_client_key, layout.racs_client_cert, RACS_ADMIN)
 
 
 def write_registry(layout: GridLayout, seid: str, library: Path, token_label: str,
@@ -85,7 +98,21 @@ def write_registry(layout: GridLayout, seid: str, library: Path, token_label: st
         registry.close()
 
 
-def write_config(layout: GridLayout, ca_cert: Path, port: int) -> None:
+def register_piv(layout: GridLayout, seid: str, settings: dict[str, object],
+                 keys: list[tuple[str, str, str]]) -> None:
+    """A PIV card in the registry: bound to the VM, administered (over RACS) by racs-admin."""
+    registry = SqliteRegistry(layout.registry)
+    try:
+        registry.add_element(ElementRecord(seid, seid, "piv", dict(settings)))
+        for label, key_id, kind in keys:
+            registry.add_key(KeyRecord(seid, label, key_id, kind))
+        registry.bind(VM_IDENTITY, seid)
+        registry.add_administrator(RACS_ADMIN, seid)
+    finally:
+        registry.close()
+
+
+def write_config(layout: GridLayout, ca_cert: Path, port: int, racs_port: int) -> None:
     layout.config.write_text(
         "# The sandbox's grid service (p11grid grid serve --config this-file)\n"
         "[grid]\n"
@@ -97,11 +124,18 @@ def write_config(layout: GridLayout, ca_cert: Path, port: int) -> None:
         f"audit_log = {_toml(str(layout.audit_log))}\n"
         f"log_file = {_toml(str(layout.log))}\n"
         f"pid_file = {_toml(str(layout.pid_file))}\n"
+        "\n"
+        "[racs]\n"
+        f'listen = "127.0.0.1:{racs_port}"\n'
+        f"certificate = {_toml(str(layout.path('racs.pem')))}\n"
+        f"key = {_toml(str(layout.path('racs.key')))}\n"
+        f"client_ca = {_toml(str(ca_cert))}\n"
     )
 
 
 def module_config_text(layout: GridLayout, ca_cert: Path, port: int, module_log: Path,
-                       token_label: str) -> str:
+                       token_labels: list[str]) -> str:
+    """One slot per element; each element's seid is its token label."""
     return (
         "# p11grid module configuration of the sandbox (read via $P11GRID_CONF):\n"
         "# the keys are in the grid, reached over TLS.\n"
@@ -116,34 +150,43 @@ def module_config_text(layout: GridLayout, ca_cert: Path, port: int, module_log:
         f"certificate = {_toml(str(layout.path('vm.pem')))}\n"
         f"key = {_toml(str(layout.path('vm.key')))}\n"
         "timeout = 5.0\n"
-        "\n"
-        "[[secure_element]]\n"
-        f"label = {_toml(token_label)}\n"
-        f"seid = {_toml(token_label)}\n"
+    ) + "".join(
+        f"\n[[secure_element]]\nlabel = {_toml(label)}\nseid = {_toml(label)}\n"
+        for label in token_labels
     )
 
 
-def start(layout: GridLayout, ca_cert: Path, port: int) -> int:
-    """Start the grid service; return its pid once it completes TLS handshakes."""
+def start(layout: GridLayout, ca_cert: Path, port: int, racs_port: int,
+          environment: dict[str, str]) -> int:
+    """Start the grid service with `environment` added to ours; return its pid once both
+    the grid and its RACS server complete TLS handshakes."""
     with open(layout.path("grid.out"), "ab") as output:
         # Its own session: the service outlives `sandbox up`; `sandbox down` stops it.
         process = subprocess.Popen(
             [sys.executable, "-m", "p11grid", "grid", "serve", "--config", str(layout.config)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=output, start_new_session=True,
-            env={k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"})
+            env={**{k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"},
+                 **environment})
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    context = ssl.create_default_context(cafile=str(ca_cert))
-    context.load_cert_chain(str(layout.path("vm.pem")), str(layout.path("vm.key")))
+    grid_context = ssl.create_default_context(cafile=str(ca_cert))
+    grid_context.load_cert_chain(str(layout.path("vm.pem")), str(layout.path("vm.key")))
+    racs_context = ssl.create_default_context(cafile=str(ca_cert))
+    racs_context.load_cert_chain(str(layout.racs_client_cert), str(layout.racs_client_key))
+    # RACS starts after the grid's listener: wait for both.
+    waiting = [(port, grid_context), (racs_port, racs_context)]
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = layout.path("grid.out").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"the grid service exited with {process.returncode}: {tail}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as raw, \
-                    context.wrap_socket(raw, server_hostname="127.0.0.1"):
+            with socket.create_connection(("127.0.0.1", waiting[0][0]), timeout=1.0) as raw, \
+                    waiting[0][1].wrap_socket(raw, server_hostname="127.0.0.1"):
+                waiting.pop(0)
+            if not waiting:
                 return process.pid
         except OSError:
             time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"the grid service did not answer on 127.0.0.1:{port} within "
+    process.wait()
+    raise RuntimeError(f"the grid service did not answer on 127.0.0.1:{waiting[0][0]} within "
                        f"{START_TIMEOUT_SECONDS:.0f} s")

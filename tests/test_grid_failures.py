@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from p11grid.sandbox import load_env
+from p11grid.sandbox import load_env, record_process
 from p11grid.sandbox_grid import free_port
 
 HOST = Path(__file__).resolve().parent / "grid_host.py"
@@ -52,6 +52,9 @@ class Grid:
         self.process = subprocess.Popen(
             [str(VENV_BIN / "p11grid"), "grid", "serve", "--config", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environ)
+        if self.config == Path(self.env["P11GRID_GRID_CONF"]):
+            # The sandbox's grid, restarted: `sandbox down` must stop this one now.
+            record_process(Path(self.env["P11GRID_SANDBOX"]), "grid", self.process.pid)
         deadline = time.monotonic() + 20
         import socket
 
@@ -146,7 +149,8 @@ def test_failover_to_the_next_endpoint(world: dict[str, str], tmp_path: Path) ->
     # A second grid process on its own port, same registry and token.
     second_port = free_port()
     first_config = Path(world["P11GRID_GRID_CONF"])
-    text = first_config.read_text()
+    # Without the [racs] table: the first grid's RACS server holds that port.
+    text = first_config.read_text().split("\n[racs]")[0]
     second_config = tmp_path / "grid-2.toml"
     second_config.write_text(re.sub(r'listen = "127\.0\.0\.1:\d+"',
                                     f'listen = "127.0.0.1:{second_port}"', text)

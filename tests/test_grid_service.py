@@ -40,7 +40,8 @@ def test_bound_identity_sees_its_element(sandbox: dict[str, str]) -> None:
     pool = _pool(sandbox, grid / "vm.pem", grid / "vm.key")
     hello = pool.call("hello", {}, idempotent=True)
     assert hello["identity"] == "spiffe://p11grid.sandbox/vm/vm-1"
-    assert [e["seid"] for e in pool.call("list", {}, idempotent=True)["elements"]] == ["vm-se"]
+    listed = pool.call("list", {}, idempotent=True)["elements"]
+    assert [e["seid"] for e in listed] == ["piv-se", "vm-se"]  # the sandbox binds both
     pool.close()
 
 

@@ -1,9 +1,9 @@
 """The virtual PIV card, the PC/SC transport and the PIV driver, against real peers.
 
 pcscd, vpcd and two virtual cards run in a network namespace of their own (see
-tests/piv_launcher.py); this process and pkcs11-tool reach pcscd through its unix socket,
-named by PCSCLITE_CSOCK_NAME. libpcsclite reads that variable once per process, so every
-PC/SC user in this pytest process talks to this fixture's pcscd.
+grid_backend/virtual_piv/launcher.py); this process and pkcs11-tool reach pcscd through
+its unix socket, named by PCSCLITE_CSOCK_NAME. libpcsclite reads that variable once per
+process, so every PC/SC user in this pytest process talks to this fixture's pcscd.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ from grid_backend.transports.pcsc import PcscTransport
 from grid_backend.virtual_piv import tlv
 from grid_backend.virtual_piv.applet import PivApplet
 from grid_backend.virtual_piv.issue import exchange
+from grid_backend.virtual_piv.launcher import (
+    LauncherFailed,
+    client_socket,
+    launch,
+    wait_until_ready,
+)
 from grid_backend.virtual_piv.state import CardState
 from p11grid.ca import create_ca
 
@@ -115,21 +121,17 @@ def cards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cards]:
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             pytest.fail(f"virtual_piv init failed: {done.stderr}")
-    launcher = subprocess.Popen(
-        ["unshare", "--net", "--mount", python, str(ROOT / "tests" / "piv_launcher.py"),
-         "--work", str(work), "--card", f"{work / 'main'}:35963",
-         "--card", f"{work / 'throwaway'}:35964"],
-        cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    socket = str(work / "run" / "pcscd" / "pcscd.comm")
+    launcher = launch(work, [(work / "main", 35963), (work / "throwaway", 35964)],
+                      work / "launcher.log")
+    socket = str(client_socket(work))
     previous = os.environ.get("PCSCLITE_CSOCK_NAME")
     os.environ["PCSCLITE_CSOCK_NAME"] = socket
     try:
-        deadline = time.monotonic() + 15
-        while not (work / "ready").exists():
-            if launcher.poll() is not None or time.monotonic() > deadline:
-                output = launcher.stdout.read().decode() if launcher.stdout else ""
-                pytest.fail(f"the PIV launcher did not start: {output}")
-            time.sleep(0.05)
+        deadline = time.monotonic() + 20
+        try:
+            wait_until_ready(launcher, work, work / "launcher.log")
+        except LauncherFailed as exc:
+            pytest.fail(str(exc))
         try:
             _wait_for_cards((MAIN_READER, THROWAWAY_READER), deadline)
         except TimeoutError as exc:

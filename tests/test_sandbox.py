@@ -45,6 +45,18 @@ EXPECTED_VARIABLES = (
     "SOFTHSM2_CONF",
     "P11GRID_CA",
     "P11GRID_SANDBOX",
+    "P11GRID_DIRECT_OPENSSL_CONF",
+    "P11GRID_LOCAL_CONF",
+    "P11GRID_GRID_PIDFILE",
+    "P11GRID_GRID_ADDR",
+    "P11GRID_GRID_CONF",
+    "P11GRID_REGISTRY",
+    "P11GRID_PIV_URI",
+    "P11GRID_RACS_ADDR",
+    "P11GRID_RACS_CERT",
+    "P11GRID_RACS_KEY",
+    "P11GRID_RACS_CA",
+    "PCSCLITE_CSOCK_NAME",
 )
 KEYS = {"vm-rsa": b"\x01", "vm-ec": b"\x02"}
 P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER OID of prime256v1
@@ -184,7 +196,7 @@ def test_env_exports_every_variable(built: BuiltSandbox) -> None:
     assert variables["P11GRID_MODULE"] == str(REPO_ROOT / "build" / "libp11grid.so")
     assert variables["P11GRID_CONF"] == str(directory / "p11grid.toml")
     assert variables["P11GRID_TOKEN"] == "vm-se"
-    assert re.fullmatch(r"[0-9]{12}", variables["P11GRID_PIN"])
+    assert re.fullmatch(r"[0-9]{8}", variables["P11GRID_PIN"])  # a PIV PIN is 6 to 8 digits
     assert variables["P11GRID_RSA_URI"] == "pkcs11:token=vm-se;object=vm-rsa;type=private"
     assert variables["P11GRID_EC_URI"] == "pkcs11:token=vm-se;object=vm-ec;type=private"
     assert variables["OPENSSL_CONF"] == str(directory / "openssl.cnf")
@@ -196,6 +208,19 @@ def test_env_exports_every_variable(built: BuiltSandbox) -> None:
     assert variables["P11GRID_SANDBOX"] == str(directory)
     for name in ("P11GRID_CONF", "OPENSSL_CONF", "SOFTHSM2_CONF", "P11GRID_CA"):
         assert Path(variables[name]).is_file(), name
+    # DIR/env holds exactly these, in this order.
+    assert tuple(sandbox.load_env(directory / "env")) == EXPECTED_VARIABLES == sandbox.ENV_NAMES
+    assert variables["P11GRID_PIV_URI"] == "pkcs11:token=piv-se;object=piv-rsa;type=private"
+    assert re.fullmatch(r"127\.0\.0\.1:[0-9]+", variables["P11GRID_RACS_ADDR"])
+    assert variables["P11GRID_RACS_ADDR"] != variables["P11GRID_GRID_ADDR"]
+    assert variables["P11GRID_RACS_CERT"] == str(directory / "grid" / "racs-client.pem")
+    assert variables["P11GRID_RACS_KEY"] == str(directory / "grid" / "racs-client.key")
+    assert variables["P11GRID_RACS_CA"] == str(directory / "ca.pem")
+    assert variables["PCSCLITE_CSOCK_NAME"] == str(
+        directory / "piv" / "run" / "pcscd" / "pcscd.comm")
+    assert stat.S_ISSOCK(Path(variables["PCSCLITE_CSOCK_NAME"]).stat().st_mode)
+    client = x509.load_pem_x509_certificate(Path(variables["P11GRID_RACS_CERT"]).read_bytes())
+    assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "racs-admin"
 
 
 def test_env_reads_back_in_python(built: BuiltSandbox) -> None:
@@ -204,7 +229,8 @@ def test_env_reads_back_in_python(built: BuiltSandbox) -> None:
     assert loaded == {name: built.variables[name] for name in loaded}
 
 
-@pytest.mark.parametrize("relative", ["env", "openssl.cnf", "openssl-direct.cnf", "ca/ca.key"])
+@pytest.mark.parametrize("relative", ["env", "openssl.cnf", "openssl-direct.cnf", "ca/ca.key",
+                                      "grid/racs-client.key", "grid/racs.key"])
 def test_secrets_are_mode_0600(built: BuiltSandbox, relative: str) -> None:
     mode = stat.S_IMODE((built.directory / relative).stat().st_mode)
     assert mode == 0o600, f"{relative} has mode {mode:o}"
@@ -229,7 +255,8 @@ def test_module_config_points_at_the_grid(built: BuiltSandbox) -> None:
     config = tomllib.loads((built.directory / "p11grid.toml").read_text())
     assert config["module"]["backend"] == "grid"
     assert config["grid"]["endpoints"] == [built.variables["P11GRID_GRID_ADDR"]]
-    assert config["secure_element"] == [{"label": "vm-se", "seid": "vm-se"}]
+    assert config["secure_element"] == [{"label": "vm-se", "seid": "vm-se"},
+                                        {"label": "piv-se", "seid": "piv-se"}]
     pid = int(Path(built.variables["P11GRID_GRID_PIDFILE"]).read_text())
     assert Path(f"/proc/{pid}").exists(), "the grid service named by the pid file runs"
 
@@ -434,7 +461,8 @@ def test_nginx_serves_tls_with_token_keys(built: BuiltSandbox) -> None:
     finally:
         status = nginx.stop(server)
     assert status == 0
-    assert [p["name"] for p in sandbox.read_state(built.directory)["processes"]] == ["grid"]
+    assert [p["name"] for p in sandbox.read_state(built.directory)["processes"]] == \
+        ["piv", "grid"]
 
 
 # --- refusing, and tearing down --------------------------------------------------------
@@ -471,6 +499,8 @@ def test_down_stops_recorded_processes_and_removes_the_directory(tmp_path: Path)
     service = subprocess.Popen(
         ["bash", "-c", "trap '' TERM; while :; do sleep 0.1; done"], start_new_session=True
     )
+    pcscd = int((directory / "piv" / "pcscd.pid").read_text())
+    assert _alive(pcscd)
     try:
         sandbox.record_process(directory, "stubborn", service.pid, process_group=service.pid)
         started = time.monotonic()
@@ -479,6 +509,10 @@ def test_down_stops_recorded_processes_and_removes_the_directory(tmp_path: Path)
         assert service.wait(timeout=30) != 0
         assert time.monotonic() - started < 20
         assert "killed stubborn" in removed.stdout
+        # With this 2 s deadline pcscd occasionally needs the SIGKILL: either way it ends.
+        assert re.search(r"(stopped|killed) piv", removed.stdout), removed.stdout
+        assert re.search(r"(stopped|killed) grid", removed.stdout), removed.stdout
+        assert not _alive(pcscd), "pcscd of the virtual PIV card outlived down"
     finally:
         if service.poll() is None:
             service.kill()
@@ -486,6 +520,47 @@ def test_down_stops_recorded_processes_and_removes_the_directory(tmp_path: Path)
     again = run_command("sandbox", "down", directory)
     assert again.returncode == 0
     assert "already gone" in again.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_stops_what_it_started_when_a_later_step_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def grid_fails(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("the grid service did not start (test)")
+
+    monkeypatch.setattr(sandbox.sandbox_grid, "start", grid_fails)
+    directory = tmp_path / "box"
+    seen: list[int] = []
+
+    def say(line: str) -> None:
+        if (directory / "piv" / "pcscd.pid").exists() and not seen:
+            seen.append(int((directory / "piv" / "pcscd.pid").read_text()))
+
+    with pytest.raises(RuntimeError, match="did not start"):
+        sandbox.up(directory, say=say)
+    assert seen, "the PIV launcher had started"
+    deadline = time.monotonic() + 10
+    while _alive(seen[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(seen[0]), "pcscd of the failed sandbox still runs"
+    assert not directory.exists()
+
+
+def test_grid_config_has_a_racs_server(built: BuiltSandbox) -> None:
+    config = tomllib.loads((built.directory / "grid" / "grid.toml").read_text())
+    assert config["racs"] == {
+        "listen": built.variables["P11GRID_RACS_ADDR"],
+        "certificate": str(built.directory / "grid" / "racs.pem"),
+        "key": str(built.directory / "grid" / "racs.key"),
+        "client_ca": built.variables["P11GRID_CA"],
+    }
 
 
 def test_required_tools_are_installed() -> None:

@@ -27,6 +27,8 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -416,18 +418,29 @@ class PivCard:
         if not (6 <= len(encoded) <= 8 and encoded.isdigit()):
             raise PinInvalid("a PIV PIN is 6 to 8 digits")
         padded = encoded.ljust(8, b"\xff")
+
+        def run() -> bytes:
+            self._verify(padded)
+            return b""
+
         with self._lock:
             self._pin = None
-            self._ensure_ready()
-            self._verify(padded)
+            # Through _sequence: a card reset by another application (a RACS session
+            # ending on a shared reader) is selected again and the VERIFY sent once more.
+            self._sequence(run)
             self._pin = padded
 
     def logout(self) -> None:
         with self._lock:
             self._pin = None
             if self._ready:
-                # P1 FF: the card forgets the PIN's verification.
-                _, sw = self._exchange(bytes([0x00, 0x20, 0xFF, 0x80]), le=None)
+                try:
+                    # P1 FF: the card forgets the PIN's verification.
+                    _, sw = self._exchange(bytes([0x00, 0x20, 0xFF, 0x80]), le=None)
+                except TransportFailure as exc:
+                    # Not ready any more; a reset or reconnect forgets the PIN anyway.
+                    log.info("logout: %s", exc)
+                    return
                 if sw != SW_OK:
                     self._ready = False  # a card without it: reselecting forgets it too
 
@@ -542,3 +555,66 @@ def _der_integer(value: int) -> bytes:
     """The content octets of a DER INTEGER (two's complement, minimal)."""
     return value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
 
+
+
+def _label_table(labels: object) -> dict[int, str]:
+    """{"9a": "piv-rsa"} (slot in hex, as PIV numbers it) -> {0x9A: "piv-rsa"}."""
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict):
+        raise ElementFailure("PIV settings: labels is a table of slot (hex) -> label")
+    table: dict[int, str] = {}
+    for slot, label in labels.items():
+        try:
+            reference = int(str(slot), 16)
+        except ValueError:
+            raise ElementFailure(f"PIV settings: slot {slot!r} is not hex (9a, 9c, 9d, 9e)"
+                                 ) from None
+        if reference not in {s.key_reference for s in SLOTS} or not isinstance(label, str):
+            raise ElementFailure(f"PIV settings: no key slot {slot!r}, or its label is no "
+                                 "string")
+        table[reference] = label
+    return table
+
+
+def open_piv_card(settings: dict[str, Any]) -> PivCard:
+    """The PIV card a registry record describes (not yet opened). Settings, as JSON:
+
+        {"transport": "pcsc", "reader": "Virtual PCD",    # first reader whose name holds it
+         "labels": {"9a": "piv-rsa"},                     # optional: CKA_LABEL per slot
+         "timeout": 15, "connect_timeout": 5}             # optional, seconds
+
+        {"transport": "racs", "server": "host:port", "seid": "SE1",   # a card on a RACS
+         "certificate": "/abs/client.pem", "key": "/abs/client.key",  # server, reached
+         "ca": "/abs/ca.pem", "deadline": 30, "labels": {...}}        # with mutual TLS
+
+    Slots without a label show OpenSC's names ("PIV AUTH key", ...).
+    """
+    labels = _label_table(settings.get("labels"))
+    transport_kind = settings.get("transport", "pcsc")
+    transport: ApduTransport
+    try:
+        if transport_kind == "pcsc":
+            from grid_backend.transports.pcsc import PcscTransport
+
+            transport = PcscTransport(str(settings["reader"]),
+                                      timeout=float(settings.get("timeout", 15.0)),
+                                      connect_timeout=float(settings.get("connect_timeout", 5.0)))
+        elif transport_kind == "racs":
+            from grid_backend.transports.racs import RacsTransport
+
+            host, _, port = str(settings["server"]).rpartition(":")
+            if not host or not port.isdigit():
+                raise ElementFailure(f"PIV settings: server {settings['server']!r} is not "
+                                     "host:port")
+            transport = RacsTransport(str(settings["seid"]), host.strip("[]"), int(port),
+                                      Path(settings["certificate"]), Path(settings["key"]),
+                                      Path(settings["ca"]),
+                                      deadline=float(settings.get("deadline", 30.0)))
+        else:
+            raise ElementFailure(f"PIV settings: transport {transport_kind!r} is not pcsc or "
+                                 "racs")
+    except KeyError as exc:
+        raise ElementFailure(f"PIV settings ({transport_kind}): {exc.args[0]} is missing"
+                             ) from None
+    return PivCard(transport, labels)
