@@ -179,6 +179,8 @@ def start(
         "vm-rsa": variables["P11GRID_RSA_URI"],
         "vm-ec": variables["P11GRID_EC_URI"],
     }
+    if "P11GRID_PIV_URI" in variables:  # the virtual PIV card's key, in the grid too
+        key_uris["piv-rsa"] = variables["P11GRID_PIV_URI"]
     home = directory / "nginx"
     (home / "temp").mkdir(parents=True, exist_ok=True)
     ports = {label: free_port() for label in keys}

@@ -98,7 +98,8 @@ def test_openssl_engine_signs(label: str, sandbox: dict[str, str],
 
 @pytest.fixture(scope="module")
 def nginx_server(sandbox: dict[str, str]) -> Iterator[nginx.NginxServer]:
-    server = nginx.start(Path(sandbox["P11GRID_SANDBOX"]), workers=2)
+    server = nginx.start(Path(sandbox["P11GRID_SANDBOX"]), workers=2,
+                         keys=("vm-rsa", "vm-ec", "piv-rsa"))
     try:
         yield server
     finally:
@@ -123,7 +124,10 @@ def fetch(server: nginx.NginxServer, label: str, version: str, ca: str) -> tuple
 
 
 @pytest.mark.parametrize(("label", "version"), [
-    ("vm-rsa", "1.2"), ("vm-rsa", "1.3"), ("vm-ec", "1.2"), ("vm-ec", "1.3")])
+    ("vm-rsa", "1.2"), ("vm-rsa", "1.3"), ("vm-ec", "1.2"), ("vm-ec", "1.3"),
+    # The PIV card does raw RSA only: PKCS#1 v1.5 (TLS 1.2) and PSS (TLS 1.3) are
+    # composed in the module.
+    ("piv-rsa", "1.2"), ("piv-rsa", "1.3")])
 def test_nginx_serves_from_both_workers(nginx_server: nginx.NginxServer, label: str,
                                         version: str, sandbox: dict[str, str]) -> None:
     """TLS 1.3 with an RSA key signs with RSA-PSS (TLS 1.3 forbids PKCS#1 v1.5 there)."""

@@ -385,6 +385,8 @@ class PivCard:
                if a != Attribute.EC_POINT},
             Attribute.SUBJECT: key.certificate.subject.public_bytes(),
             Attribute.SENSITIVE: TRUE, Attribute.EXTRACTABLE: FALSE,
+            # A PIV card has no key export: its keys were always sensitive, never extractable.
+            Attribute.ALWAYS_SENSITIVE: TRUE, Attribute.NEVER_EXTRACTABLE: TRUE,
             Attribute.SIGN: TRUE,
             Attribute.DECRYPT: TRUE if rsa_key and slot.key_reference not in SIGN_ONLY
             else FALSE,
