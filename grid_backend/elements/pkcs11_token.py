@@ -92,7 +92,8 @@ _BY_KEY_TYPE: dict[int, tuple[Attribute, ...]] = {
 
 
 class _LenientLib(pkcs11._pkcs11.lib):  # type: ignore[misc]
-    """A library someone else in this process already initialized is still usable."""
+    """python-pkcs11 over a library that is already initialized: by this driver itself
+    (with CKF_OS_LOCKING_OK, the usual case) or by someone else in this process."""
 
     def initialize(self) -> None:
         try:
@@ -100,7 +101,7 @@ class _LenientLib(pkcs11._pkcs11.lib):  # type: ignore[misc]
         except p11x.PKCS11Error as exc:
             if "already initialized" not in str(exc):
                 raise
-            log.info("%s was already initialized in this process; sharing it", self.so)
+            log.debug("%s: python-pkcs11 found the library initialized; sharing it", self.so)
 
 
 CKF_OS_LOCKING_OK = 0x2
