@@ -122,7 +122,9 @@ def test_administration_cli(tmp_path: Path) -> None:
     grid("keygen", "--seid", "cli-se", "--label", "k-ec", "--id", "0a", "--kind", "ec256",
          "--pin", "123456")
     grid("bind", "--identity", "spiffe://p11grid.test/vm/a", "--seid", "cli-se")
+    grid("admin", "--identity", "operator-1", "--seid", "cli-se")
     listing = grid("list")
+    assert "administered by operator-1" in listing
     assert "cli-se\tpkcs11" in listing and "key k-ec\tid=0a\tec256" in listing
     assert "bound to spiffe://p11grid.test/vm/a" in listing
     # The key really is in the element, private and not extractable.

@@ -140,6 +140,14 @@ def bind(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def admin(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    registry.add_administrator(arguments.identity, arguments.seid)
+    print(f"{arguments.identity} administers {arguments.seid} (RACS: every APDU the "
+          "element's filters allow)")
+    return 0
+
+
 def list_registry(arguments: argparse.Namespace) -> int:
     registry = _registry(arguments)
     bindings = registry.bindings()
@@ -150,6 +158,8 @@ def list_registry(arguments: argparse.Namespace) -> int:
         for identity, seid in bindings:
             if seid == record.seid:
                 print(f"  bound to {identity}")
+        for identity in registry.administrators(record.seid):
+            print(f"  administered by {identity}")
     return 0
 
 
@@ -204,6 +214,12 @@ def register(commands: Any) -> None:
     binding.add_argument("--seid", required=True)
     binding.add_argument("--unbind", action="store_true", help="remove the binding instead")
     binding.set_defaults(func=_guarded(bind))
+
+    administrator = with_registry(actions.add_parser(
+        "admin", help="let an identity (a certificate CN for RACS) administer an element"))
+    administrator.add_argument("--identity", required=True)
+    administrator.add_argument("--seid", required=True)
+    administrator.set_defaults(func=_guarded(admin))
 
     listing = with_registry(actions.add_parser("list", help="elements, keys and bindings"))
     listing.set_defaults(func=_guarded(list_registry))
