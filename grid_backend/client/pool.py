@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grid_backend.openssl_errors import clear_thread_errors
 from grid_backend.protocol import (
     DeadlineExceeded,
     ProtocolViolation,
@@ -49,47 +50,33 @@ class GridSettings:
     idle_connections: int = 8
 
 
-_clear_errors: Any = None
-
-
-def _clear_openssl_errors() -> None:
-    """Empty this thread's OpenSSL error queue before our TLS I/O.
-
-    Inside an OpenSSL host (the openssl CLI, nginx) the queue is shared with the host, and
-    a stale entry the host left there makes SSL_get_error() report our next read that
-    merely has to wait as a fatal error ("message digest is null" left by `openssl
-    pkeyutl`). OpenSSL asks callers to clear the queue before such calls; Python's ssl
-    module does not, so we do, on the libcrypto its _ssl module uses.
-    """
-    global _clear_errors
-    if _clear_errors is None:
-        import ctypes
-        import ctypes.util
-        import ssl
-
-        name = "libcrypto.so.3" if ssl.OPENSSL_VERSION_INFO[0] == 3 else \
-            ctypes.util.find_library("crypto")
-        function = ctypes.CDLL(name).ERR_clear_error
-        function.argtypes, function.restype = (), None
-        _clear_errors = function
-    _clear_errors()
-
-
 class _Connection:
     def __init__(self, tls: Any, endpoint: tuple[str, int]) -> None:
         self.tls = tls
         self.endpoint = endpoint
 
     def alive(self) -> bool:
-        """An idle connection has nothing to read; if it does, the grid closed it."""
+        """An idle connection has nothing to read but TLS housekeeping (session tickets);
+        end of stream or any data means the grid closed it or lost track of it."""
         try:
             readable, _, _ = select.select([self.tls], [], [], 0)
         except (OSError, ValueError):
             return False
-        return not readable
+        if not readable:
+            return True
+        import ssl
+
+        try:
+            self.tls.setblocking(False)
+            self.tls.recv(1)
+        except ssl.SSLWantReadError:
+            return True  # only a TLS record without application data was waiting
+        except OSError:
+            return False
+        return False
 
     def exchange(self, message: bytes, deadline: float) -> list[Any]:
-        _clear_openssl_errors()
+        clear_thread_errors()
         self._timeout(deadline)
         self.tls.sendall(message)
         header = self._read(4, deadline)
@@ -152,6 +139,7 @@ class GridPool:
         endpoints = self.settings.endpoints
         order = [endpoints[(self._preferred + i) % len(endpoints)] for i in range(len(endpoints))]
         reasons = []
+        stalled = False
         for endpoint in order:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -162,16 +150,21 @@ class GridPool:
                 raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 raw.settimeout(max(deadline - time.monotonic(), 0.001))
                 context = self._tls_context()
-                _clear_openssl_errors()
+                clear_thread_errors()
                 tls = context.wrap_socket(raw, server_hostname=endpoint[0])
             except OSError as exc:  # ssl.SSLError is an OSError
                 if raw is not None:
                     raw.close()
+                # Accepted but silent (a stalled grid) is not the same as gone.
+                stalled = stalled or isinstance(exc, TimeoutError)
                 reasons.append(f"{endpoint[0]}:{endpoint[1]}: {exc}")
                 continue
             self._preferred = endpoints.index(endpoint)
             return _Connection(tls, endpoint)
-        raise GridUnreachable("no grid endpoint answered: " + "; ".join(reasons or ["deadline"]))
+        detail = "; ".join(reasons or ["deadline"])
+        if stalled or not reasons:
+            raise DeadlineExceeded(f"no grid endpoint completed a TLS handshake in time: {detail}")
+        raise GridUnreachable(f"no grid endpoint answered: {detail}")
 
     def _take(self, deadline: float) -> _Connection:
         with self._lock:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_backend.elements import open_element
+from grid_backend.openssl_errors import clear_thread_errors
 from grid_backend.protocol import (
     VERSION,
     DeadlineExceeded,
@@ -291,6 +292,7 @@ class GridServer:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(HANDSHAKE_TIMEOUT)
             try:
+                clear_thread_errors()
                 connection = self._context.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 log.info("TLS handshake with %s failed: %s", address, exc)
@@ -313,23 +315,34 @@ class GridServer:
                     if filled == len(buffer):  # a frame bigger than the buffer: grow it
                         buffer.extend(bytes(len(buffer)))
                         view = memoryview(buffer)
+                    clear_thread_errors()
                     received = connection.recv_into(view[filled:])
                     if not received:
                         return
                     filled += received
-            except (OSError, ProtocolViolation):
+            except ProtocolViolation as exc:
+                log.info("closing the connection of %s: %s", caller.identity, exc)
+                return
+            except OSError as exc:
+                log.debug("connection of %s ended: %s", caller.identity, exc)
                 return
             end = 4 + frame_length(view[:4])
-            reply = self._answer(caller, bytes(view[4:end]))
+            reply, audited = self._answer(caller, bytes(view[4:end]))
             # Requests come one at a time per connection; keep whatever follows.
             buffer[:filled - end] = buffer[end:filled]
             filled -= end
             try:
+                clear_thread_errors()
                 connection.sendall(reply)
             except OSError:
                 return
+            finally:
+                # The reply goes first: the audit write is not on the caller's clock.
+                if audited is not None:
+                    self._audit(caller, *audited)
 
-    def _answer(self, caller: Caller, payload: bytes) -> bytes:
+    def _answer(self, caller: Caller, payload: bytes) -> tuple[bytes, tuple[Any, ...] | None]:
+        """The encoded reply, and what the audit line must say (None: not audited)."""
         received = time.monotonic()
         request_id: Any = None
         operation = "?"
@@ -350,18 +363,19 @@ class GridServer:
             log.exception("operation %s failed unexpectedly", operation)
             body = {"error": "failure", "message": f"{type(failure).__name__}"}
             ok = False
-        if operation in AUDITED:
-            self._audit(caller, operation, arguments, ok, body, received)
+        audited = (operation, arguments, ok, body, time.monotonic() - received) \
+            if operation in AUDITED else None
         try:
-            return encode([request_id, ok, body])
+            return encode([request_id, ok, body]), audited
         except (ElementFailure, TypeError, ValueError):
-            return encode([None, False, {"error": "protocol", "message": "unencodable reply"}])
+            return encode([None, False, {"error": "protocol", "message": "unencodable reply"}]), \
+                audited
 
     def _audit(self, caller: Caller, operation: str, arguments: dict[str, Any], ok: bool,
-               body: dict[str, Any], received: float) -> None:
+               body: dict[str, Any], took: float) -> None:
         seid = str(arguments.get("seid", ""))
         result = "ok" if ok else str(body.get("error"))
-        ms = (time.monotonic() - received) * 1000
+        ms = took * 1000
         if operation in ("sign", "decrypt"):
             mechanism = arguments.get("mechanism", 0)
             self.audit.record(caller.identity, operation, seid, result, ms,
