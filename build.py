@@ -178,10 +178,14 @@ def compile_native() -> Path:
     obj = BUILD / "native" / "p11grid.o"
     obj.parent.mkdir(parents=True, exist_ok=True)
     recorded = site_packages()
-    if any(c in recorded for c in '"\\\n'):
-        raise SystemExit(f"build.py: cannot record a site-packages path like {recorded!r}")
+    # The interpreter libpython belongs to (the virtualenv's base), not the venv's link.
+    interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    for value in (recorded, interpreter):
+        if any(c in value for c in '"\\\n'):
+            raise SystemExit(f"build.py: cannot record a path like {value!r}")
     cmd = ["cc", *C_FLAGS, *[f"-I{p}" for p in python_includes()], f"-I{P11KIT_INCLUDE}",
            f"-I{NATIVE}", f'-DP11GRID_SITE_PACKAGES="{recorded}"',
+           f'-DP11GRID_PYTHON="{interpreter}"',
            "-c", str(NATIVE / "p11grid.c"), "-o", str(obj)]
     subprocess.run(cmd, check=True)
     return obj

@@ -1,20 +1,28 @@
-"""`make bench`: libp11grid against SoftHSM2 used directly, signing with RSA-2048 and P-256.
+"""`make bench`: libp11grid (in-process and through the grid) against SoftHSM2 used directly
+and behind p11-kit's own remoting, signing with RSA-2048 and P-256.
 
 Steps:
   1. compile bench/p11bench.c into build/bench/p11bench when it is missing or stale;
-  2. bring up a fresh sandbox (`p11grid sandbox up DIR`, DIR in a temp directory) and read
-     DIR/env for the module paths, token labels and PIN;
-  3. run p11bench, one process per run (never two modules in one process), for
-     {direct SoftHSM, libp11grid} x {rsa, ec} x {1, 2 threads}, interleaving direct and
-     libp11grid runs and repeating every configuration, then take the median per configuration;
-  4. bring the sandbox down and write docs/BENCHMARKS.md with the figures, the ratios
-     libp11grid/direct and PASS/MISS per target.
+  2. bring up a fresh sandbox (`p11grid sandbox up DIR`, DIR in a temp directory; it starts
+     the grid service) and read DIR/env for the module paths, configs, token labels and PIN;
+  3. start `p11-kit server -f` on the sandbox's SoftHSM2 token, its unix socket in a temp
+     directory, and find `p11-kit-client.so`;
+  4. run p11bench, one process per run (never two modules in one process), for
+     {direct SoftHSM, p11-kit remoting, libp11grid local, libp11grid -> grid} x {rsa, ec}
+     x {1, 2 threads}, the four modules of a configuration back to back in a rotating
+     order, repeating every configuration, then take the median per configuration;
+  5. stop the p11-kit server, bring the sandbox down and write docs/BENCHMARKS.md with the
+     figures, the ratios, the latency each path adds to the direct token, and PASS/MISS
+     per target.
 
 Exit status: 0 when every run succeeded without errors (missed targets are reported, not
-fatal); 1 when any run failed or reported errors; 2 when setup (compile, sandbox) failed.
+fatal); 1 when any run failed or reported errors; 2 when setup (compile, sandbox, p11-kit
+server) failed.
 
-`--profile` instead runs the libp11grid EC 1-thread case once under py-spy (when installed)
-and writes build/bench/profile.svg; it does not run the benchmark or touch the docs.
+`--profile` instead runs the ECDSA 1-thread case of `--profile-module` (local or grid) once
+under py-spy (when installed) and writes build/bench/profile-host.svg (the p11bench host),
+plus build/bench/profile-grid.svg (the grid service) for the grid; it does not run the
+benchmark or touch the docs.
 """
 
 from __future__ import annotations
@@ -30,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,15 +61,31 @@ ENV_NAMES = (
     "P11GRID_TOKEN",
     "P11GRID_DIRECT_TOKEN",
     "P11GRID_PIN",
+    "P11GRID_LOCAL_CONF",
+    "P11GRID_GRID_ADDR",
 )
 MECHS = ("rsa", "ec")
 THREADS = (1, 2)
-MODULES = ("direct", "p11grid")
+# direct: libsofthsm2.so; p11kit: p11-kit-client.so -> `p11-kit server` -> libsofthsm2.so;
+# local: libp11grid.so driving SoftHSM2 in-process (P11GRID_LOCAL_CONF);
+# grid: libp11grid.so -> the sandbox's grid service over TLS 1.3 -> SoftHSM2 (P11GRID_CONF).
+MODULES = ("direct", "p11kit", "local", "grid")
+REMOTE_MODULES = ("p11kit", "grid")
 KEY_LABELS = {"rsa": "vm-rsa", "ec": "vm-ec"}
 MECH_TITLES = {"rsa": "RSA-2048 CKM_RSA_PKCS", "ec": "ECDSA P-256 CKM_ECDSA"}
-MODULE_TITLES = {"direct": "SoftHSM2 direct", "p11grid": "libp11grid"}
-# Minimum libp11grid/direct ops/s ratio at 1 thread, per mechanism (from the issue).
+MODULE_TITLES = {
+    "direct": "SoftHSM2 direct",
+    "p11kit": "p11-kit remoting",
+    "local": "libp11grid local",
+    "grid": "libp11grid → grid",
+}
+# Issue 2: minimum libp11grid-local/direct ops/s ratio at 1 thread, per mechanism.
 RATIO_TARGETS = {"rsa": 0.9, "ec": 0.6}
+# Issue 3: minimum libp11grid-through-the-grid/p11-kit-remoting ops/s ratio, at 1 and 2 threads.
+REMOTE_TARGETS = {"rsa": 1.0, "ec": 0.7}
+P11KIT_CLIENT_NAME = "p11-kit-client.so"
+P11KIT_PACKAGE = "p11-kit-modules"  # holds p11-kit-client.so (the `p11-kit` command: p11-kit)
+P11KIT_START_TIMEOUT = 15.0
 
 
 class SetupError(Exception):
@@ -69,15 +94,31 @@ class SetupError(Exception):
 
 @dataclass(frozen=True)
 class Sandbox:
-    """What the benchmark needs from DIR/env."""
+    """What the benchmark needs from DIR/env, plus the p11-kit server started for it."""
 
     env: dict[str, str]
+    p11kit_client: str = ""  # path of p11-kit-client.so
+    p11kit_address: str = ""  # P11_KIT_SERVER_ADDRESS of the running `p11-kit server`
 
     def module_path(self, module: str) -> str:
-        return self.env["P11GRID_MODULE" if module == "p11grid" else "P11GRID_DIRECT_MODULE"]
+        if module == "direct":
+            return self.env["P11GRID_DIRECT_MODULE"]
+        if module == "p11kit":
+            return self.p11kit_client
+        return self.env["P11GRID_MODULE"]
 
     def token(self, module: str) -> str:
-        return self.env["P11GRID_TOKEN" if module == "p11grid" else "P11GRID_DIRECT_TOKEN"]
+        if module in ("direct", "p11kit"):
+            return self.env["P11GRID_DIRECT_TOKEN"]
+        return self.env["P11GRID_TOKEN"]
+
+    def module_env(self, module: str) -> dict[str, str]:
+        """What a run of this module sets on top of the sandbox's environment."""
+        if module == "p11kit":
+            return {"P11_KIT_SERVER_ADDRESS": self.p11kit_address}
+        if module == "local":
+            return {"P11GRID_CONF": self.env["P11GRID_LOCAL_CONF"]}
+        return {}  # grid: P11GRID_CONF as the sandbox exports it (backend = "grid")
 
     @property
     def pin(self) -> str:
@@ -217,6 +258,125 @@ def sandbox(p11grid: Path) -> Iterator[Sandbox]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
+# --- p11-kit remoting ------------------------------------------------------------------
+
+
+def find_p11kit_client() -> str:
+    """p11-kit-client.so: where pkg-config says p11-kit modules live, else the usual places."""
+    candidates: list[Path] = []
+    module_dir = command_output(["pkg-config", "--variable=p11_module_path", "p11-kit-1"])
+    if module_dir != "unknown":
+        candidates.append(Path(module_dir) / P11KIT_CLIENT_NAME)
+    multiarch = command_output(["gcc", "-print-multiarch"])
+    if multiarch != "unknown":
+        candidates.append(Path("/usr/lib") / multiarch / "pkcs11" / P11KIT_CLIENT_NAME)
+    candidates += sorted(Path("/usr/lib").glob(f"*/pkcs11/{P11KIT_CLIENT_NAME}"))
+    candidates.append(Path("/usr/lib/pkcs11") / P11KIT_CLIENT_NAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise SetupError(
+        f"{P11KIT_CLIENT_NAME} not found (apt-get install {P11KIT_PACKAGE}); looked in "
+        + ", ".join(str(c) for c in dict.fromkeys(candidates))
+    )
+
+
+def server_env(box: Sandbox) -> dict[str, str]:
+    """`p11-kit server` loads SoftHSM2: it needs SOFTHSM2_CONF, and no sandbox OpenSSL config."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in DROPPED_ENV
+        and not name.startswith(("P11GRID_", "SOFTHSM2_", "P11_KIT_SERVER_"))
+    }
+    env["SOFTHSM2_CONF"] = box.env["SOFTHSM2_CONF"]
+    return env
+
+
+def read_server_address(stdout: Path) -> str | None:
+    """The address from the `P11_KIT_SERVER_ADDRESS=...; export ...;` line, once printed."""
+    try:
+        text = stdout.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, sep, rest = line.partition("=")
+        if sep and name.strip() == "P11_KIT_SERVER_ADDRESS":
+            return rest.split(";", 1)[0].strip().strip("'\"")
+    return None
+
+
+def stop_process(proc: subprocess.Popen[bytes], name: str, deadline: float = 10.0) -> None:
+    """SIGTERM our child, SIGKILL it after the deadline."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        log(f"warning: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def p11kit_server(box: Sandbox) -> Iterator[Sandbox]:
+    """`p11-kit server -f` in front of the sandbox's token, its socket in a temp directory.
+
+    Yields the sandbox with p11-kit-client.so and the server's address filled in; stops the
+    server (our child, by pid) afterwards.
+    """
+    client = find_p11kit_client()
+    p11kit = shutil.which("p11-kit")
+    if p11kit is None:
+        raise SetupError("the `p11-kit` command is not installed (apt-get install p11-kit)")
+    with tempfile.TemporaryDirectory(prefix="p11grid-bench-p11kit-") as tmp:
+        directory = Path(tmp)  # mode 0700: only we can reach the socket
+        socket_path = directory / "server.sock"
+        stdout_path = directory / "server.out"
+        stderr_path = directory / "server.err"
+        token = urllib.parse.quote(box.token("p11kit"), safe="")
+        cmd = [
+            p11kit,
+            "server",
+            "--foreground",
+            "--name",
+            str(socket_path),
+            "--provider",
+            box.env["P11GRID_DIRECT_MODULE"],
+            f"pkcs11:token={token}",
+        ]
+        log(" ".join(cmd))
+        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=server_env(box)
+            )
+        try:
+            address = None
+            give_up = time.monotonic() + P11KIT_START_TIMEOUT
+            while time.monotonic() < give_up and proc.poll() is None:
+                address = read_server_address(stdout_path)
+                if address is not None and socket_path.exists():
+                    break
+                time.sleep(0.05)
+            if proc.poll() is not None or address is None or not socket_path.exists():
+                why = stderr_path.read_text(errors="replace").strip() or "no message"
+                state = (
+                    f"exited with {proc.returncode}"
+                    if proc.poll() is not None
+                    else f"printed no address within {P11KIT_START_TIMEOUT:g} s"
+                )
+                raise SetupError(f"`{' '.join(cmd)}` {state}: {why}")
+            log(f"p11-kit server (pid {proc.pid}) at {address}; client {client}")
+            yield replace(box, p11kit_client=client, p11kit_address=address)
+        finally:
+            stop_process(proc, "p11-kit server")
+            leftover = stderr_path.read_text(errors="replace").strip()
+            if leftover:
+                for line in leftover.splitlines()[-5:]:
+                    log(f"  p11-kit server | {line}")
+
+
 # --- runs -------------------------------------------------------------------------------
 
 
@@ -250,18 +410,21 @@ def bench_command(box: Sandbox, config: Config, seconds: float, warmup: float) -
 DROPPED_ENV = frozenset({"OPENSSL_CONF", "OPENSSL_ENGINES", "OPENSSL_MODULES"})
 
 
-def child_env(box: Sandbox) -> dict[str, str]:
-    """The environment of p11bench: ours, minus stale sandbox settings, plus the sandbox's."""
+def child_env(box: Sandbox, module: str) -> dict[str, str]:
+    """The environment of p11bench: ours, minus stale sandbox settings, plus the sandbox's,
+    plus what this module needs (the p11-kit server's address, the local config)."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if name not in DROPPED_ENV and not name.startswith(("P11GRID_", "SOFTHSM2_"))
+        if name not in DROPPED_ENV
+        and not name.startswith(("P11GRID_", "SOFTHSM2_", "P11_KIT_SERVER_"))
     }
     env.update(
         (name, value)
         for name, value in box.env.items()
         if name not in DROPPED_ENV and not name.endswith("OPENSSL_CONF")
     )
+    env.update(box.module_env(module))
     return env
 
 
@@ -273,7 +436,7 @@ def run_one(box: Sandbox, config: Config, seconds: float, warmup: float) -> RunR
             check=False,
             capture_output=True,
             text=True,
-            env=child_env(box),
+            env=child_env(box, config.module),
             timeout=seconds + warmup + 60,
         )
     except subprocess.TimeoutExpired:
@@ -304,13 +467,14 @@ def run_one(box: Sandbox, config: Config, seconds: float, warmup: float) -> RunR
 
 
 def schedule(repeats: int) -> list[Config]:
-    """Each configuration `repeats` times; direct/libp11grid back to back, order alternating."""
+    """Each configuration `repeats` times; its modules back to back, in an order rotated by
+    one place per configuration and per repeat, so no module always runs first or last."""
     order: list[Config] = []
     for rep in range(repeats):
-        modules = MODULES if rep % 2 == 0 else tuple(reversed(MODULES))
-        for mech in MECHS:
-            for threads in THREADS:
-                order.extend(Config(module, mech, threads) for module in modules)
+        for index, (mech, threads) in enumerate((m, t) for m in MECHS for t in THREADS):
+            shift = (index + rep) % len(MODULES)
+            modules = MODULES[shift:] + MODULES[:shift]
+            order.extend(Config(module, mech, threads) for module in modules)
     return order
 
 
@@ -387,12 +551,34 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def ratio(summaries: Mapping[Config, Summary], mech: str, threads: int) -> float | None:
-    ours = summaries[Config("p11grid", mech, threads)].median("ops_per_s")
-    direct = summaries[Config("direct", mech, threads)].median("ops_per_s")
-    if ours is None or direct is None or direct <= 0:
+def ratio(
+    summaries: Mapping[Config, Summary], mech: str, threads: int, ours: str, base: str
+) -> float | None:
+    """Median ops/s of module `ours` over module `base`, for one mechanism and thread count."""
+    top = summaries[Config(ours, mech, threads)].median("ops_per_s")
+    bottom = summaries[Config(base, mech, threads)].median("ops_per_s")
+    if top is None or bottom is None or bottom <= 0:
         return None
-    return ours / direct
+    return top / bottom
+
+
+def added_latency(
+    summaries: Mapping[Config, Summary], mech: str, threads: int, module: str, field: str
+) -> float | None:
+    """Median latency (`p50_us`/`p99_us`) of `module` minus the direct token's."""
+    ours = summaries[Config(module, mech, threads)].median(field)
+    direct = summaries[Config("direct", mech, threads)].median(field)
+    if ours is None or direct is None:
+        return None
+    return ours - direct
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def fmt_added(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+,.0f}"
 
 
 @dataclass(frozen=True)
@@ -408,26 +594,40 @@ class Target:
 
 def evaluate_targets(summaries: Mapping[Config, Summary]) -> list[Target]:
     targets: list[Target] = []
+    # Issue 2: the module with the token in-process.
     for mech, minimum in RATIO_TARGETS.items():
-        value = ratio(summaries, mech, 1)
+        value = ratio(summaries, mech, 1, "local", "direct")
         targets.append(
             Target(
-                f"{MECH_TITLES[mech]}, 1 thread: libp11grid >= {minimum:g}x direct ops/s",
-                "n/a" if value is None else f"{value:.2f}x",
+                f"{MECH_TITLES[mech]}, 1 thread: libp11grid local >= {minimum:g}x direct ops/s",
+                fmt_ratio(value),
                 None if value is None else value >= minimum,
             )
         )
     for mech in MECHS:
-        one = summaries[Config("p11grid", mech, 1)].median("ops_per_s")
-        two = summaries[Config("p11grid", mech, 2)].median("ops_per_s")
+        one = summaries[Config("local", mech, 1)].median("ops_per_s")
+        two = summaries[Config("local", mech, 2)].median("ops_per_s")
         measured = "n/a" if one is None or two is None else f"{two:,.1f} vs {one:,.1f} ops/s"
         targets.append(
             Target(
-                f"{MECH_TITLES[mech]}: libp11grid at 2 threads >= libp11grid at 1 thread",
+                f"{MECH_TITLES[mech]}: libp11grid local at 2 threads >= at 1 thread",
                 measured,
                 None if one is None or two is None else two >= one,
             )
         )
+    # Issue 3: the module through the grid against p11-kit's remoting of the same token.
+    for mech, minimum in REMOTE_TARGETS.items():
+        for threads in THREADS:
+            value = ratio(summaries, mech, threads, "grid", "p11kit")
+            plural = "thread" if threads == 1 else "threads"
+            targets.append(
+                Target(
+                    f"{MECH_TITLES[mech]}, {threads} {plural}: libp11grid → grid"
+                    f" >= {minimum:g}x p11-kit remoting ops/s",
+                    fmt_ratio(value),
+                    None if value is None else value >= minimum,
+                )
+            )
     return targets
 
 
@@ -449,34 +649,52 @@ def render_report(
         "",
         "## What is measured",
         "",
-        "Signing throughput and latency of **libp11grid** (`build/libp11grid.so`) against",
-        "the **SoftHSM2 module used directly** (`libsofthsm2.so`), over the same keys of a",
-        "fresh `p11grid sandbox`: `vm-rsa` (RSA-2048) and `vm-ec` (EC P-256).",
+        "Signing throughput and latency of four ways to reach the same SoftHSM2 token of a",
+        "fresh `p11grid sandbox` (keys `vm-rsa`, RSA-2048, and `vm-ec`, EC P-256):",
+        "",
+        "1. **SoftHSM2 direct**: `libsofthsm2.so` loaded by the host, the baseline;",
+        "2. **p11-kit remoting**: `p11-kit-client.so` in the host, talking p11-kit's RPC",
+        "   protocol over a **unix socket** (in a private temp directory) to",
+        "   `p11-kit server --foreground --provider libsofthsm2.so \"pkcs11:token=vm-se\"`,",
+        "   started by the benchmark with the sandbox's `SOFTHSM2_CONF`; the server runs a",
+        "   `p11-kit-remote` process per client connection, which loads SoftHSM2;",
+        "3. **libp11grid local**: `build/libp11grid.so` with the sandbox's",
+        "   `P11GRID_LOCAL_CONF` (`backend = \"local\"`): SoftHSM2 driven inside the host",
+        "   process by the module's embedded Python;",
+        "4. **libp11grid → grid**: `build/libp11grid.so` with the sandbox's `P11GRID_CONF`",
+        "   (`backend = \"grid\"`): each signature is one request over a pooled, persistent",
+        "   **TLS 1.3** connection (mutual TLS, client certificate of the sandbox's VM",
+        "   identity; length-prefixed msgpack frames, `docs/grid-protocol.md`) on",
+        "   **loopback** (`127.0.0.1`) to the sandbox's grid service (`p11grid grid serve`,",
+        "   a separate Python process, one thread per connection), which signs with",
+        "   SoftHSM2 in its own process.",
         "",
         "- Host: `bench/p11bench.c`, a C program that `dlopen`s one module per process",
         "  (two modules never share a process), calls `C_Initialize` with",
         "  `CKF_OS_LOCKING_OK`, opens one `CKF_SERIAL_SESSION` per thread, logs in as user",
-        "  and finds the private key by `CKA_LABEL`. Both modules run with the sandbox's",
-        "  `SOFTHSM2_CONF`/`P11GRID_CONF` and the system OpenSSL configuration (the",
-        "  sandbox's `OPENSSL_CONF`, which loads an engine on libp11grid, is not passed on).",
+        "  and finds the private key by `CKA_LABEL`. Every run uses the system OpenSSL",
+        "  configuration (the sandbox's `OPENSSL_CONF`, which loads an engine on",
+        "  libp11grid, is passed neither to the host nor to the p11-kit server).",
         "- One operation is `C_SignInit` + `C_Sign` into a buffer sized once up front:",
         "  `CKM_RSA_PKCS` over a fixed 51-byte SHA-256 DigestInfo, or `CKM_ECDSA` over a",
         "  fixed 32-byte hash.",
         f"- Each run: {warmup:g} s warm-up, then {seconds:g} s timed; ops/s counts the",
         "  successful timed operations over the timed window; p50/p99 are the latencies of",
-        "  single operations across all threads.",
+        "  single operations across all threads, as the host sees them.",
         f"- Every configuration (module x mechanism x threads) is run {repeats} times,",
-        "  direct and libp11grid runs interleaved back to back (alternating which goes",
-        "  first), and the **median** of the repeats is reported, so that machine noise",
-        "  affects both columns alike.",
+        "  the four modules back to back, their order rotated by one place per",
+        "  configuration and per repeat, and the **median** of the repeats is reported, so",
+        "  that machine noise affects all columns alike.",
+        "- The two server processes (p11-kit's and the grid service) run on the same 2",
+        "  cores as the host: a remote path's throughput includes the server's CPU time.",
         "",
-        "**Quote the ratios libp11grid/direct, not the absolute figures**: absolute ops/s",
-        "and latencies depend on the machine and its load; the ratios are what the targets",
-        "are about.",
+        "**Quote the ratios, not the absolute figures**: absolute ops/s and latencies",
+        "depend on the machine and its load; the ratios are what the targets are about.",
         "",
         "Options: `bench/run.py --seconds S --repeats N` for longer or more runs;",
-        "`bench/run.py --profile` runs the libp11grid ECDSA 1-thread case once under",
-        "`py-spy` (if installed) and writes `build/bench/profile.svg` instead.",
+        "`bench/run.py --profile [--profile-module local|grid]` runs the ECDSA 1-thread",
+        "case once under `py-spy` (if installed) and writes `build/bench/profile-host.svg`",
+        "(and `profile-grid.svg`, the grid service) instead.",
         "",
         "## Machine",
         "",
@@ -485,8 +703,9 @@ def render_report(
     lines += [f"- {name}: {value}" for name, value in info.items()]
     lines += [f"- Load average (1/5/15 min) before the run: {load_before}"]
     lines += [
-        f"- Modules: libp11grid `{box.module_path('p11grid')}`;"
-        f" direct `{box.module_path('direct')}`",
+        f"- Modules: libp11grid `{box.module_path('local')}`;"
+        f" direct `{box.module_path('direct')}`; p11-kit client `{box.module_path('p11kit')}`",
+        f"- p11-kit: {command_output(['dpkg-query', '-W', '-f=${Version}', 'p11-kit'])}",
         "",
         "## Results (median of repeats)",
         "",
@@ -505,25 +724,48 @@ def render_report(
                 )
     lines += [
         "",
-        "## Ratios libp11grid / direct (ops/s)",
+        "## Ratios (ops/s)",
         "",
-        "| Mechanism | 1 thread | 2 threads |",
-        "|---|---:|---:|",
+        "| Mechanism | Threads | local / direct | p11-kit / direct | grid / direct"
+        " | **grid / p11-kit** |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for mech in MECHS:
-        cells = []
         for threads in THREADS:
-            value = ratio(summaries, mech, threads)
-            cells.append("n/a" if value is None else f"{value:.2f}x")
-        lines.append(f"| {MECH_TITLES[mech]} | {' | '.join(cells)} |")
+            cells = [
+                fmt_ratio(ratio(summaries, mech, threads, "local", "direct")),
+                fmt_ratio(ratio(summaries, mech, threads, "p11kit", "direct")),
+                fmt_ratio(ratio(summaries, mech, threads, "grid", "direct")),
+                "**" + fmt_ratio(ratio(summaries, mech, threads, "grid", "p11kit")) + "**",
+            ]
+            lines.append(f"| {MECH_TITLES[mech]} | {threads} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "## Latency added to the direct token (µs per operation)",
+        "",
+        "The module's median p50 (p99) minus SoftHSM2 direct's, same mechanism and threads.",
+        "At 2 threads it includes waiting for the other thread's operation.",
+        "",
+        "| Mechanism | Threads | p11-kit p50 | p11-kit p99 | grid p50 | grid p99"
+        " | local p50 | local p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mech in MECHS:
+        for threads in THREADS:
+            cells = [
+                fmt_added(added_latency(summaries, mech, threads, module, field))
+                for module in (*REMOTE_MODULES, "local")
+                for field in ("p50_us", "p99_us")
+            ]
+            lines.append(f"| {MECH_TITLES[mech]} | {threads} | {' | '.join(cells)} |")
     lines += [
         "",
         "## Scaling 2 threads / 1 thread (ops/s)",
         "",
-        "For context on the thread target: how each module scales on this machine.",
+        "For context on the thread targets: how each path scales on this machine.",
         "",
-        "| Mechanism | SoftHSM2 direct | libp11grid |",
-        "|---|---:|---:|",
+        "| Mechanism | " + " | ".join(MODULE_TITLES[m] for m in MODULES) + " |",
+        "|---|" + "---:|" * len(MODULES),
     ]
     for mech in MECHS:
         cells = []
@@ -568,6 +810,14 @@ def render_report(
 
 
 def find_py_spy() -> str | None:
+    """$PY_SPY, else py-spy on PATH, else in .venv.
+
+    $PY_SPY lets py-spy live in another virtualenv without putting that virtualenv's bin/
+    first on PATH, which the module's embedded interpreter would pick up.
+    """
+    explicit = os.environ.get("PY_SPY")
+    if explicit:
+        return explicit if Path(explicit).exists() else None
     found = shutil.which("py-spy")
     if found:
         return found
@@ -589,40 +839,68 @@ def wait_for_libpython(pid: int, timeout: float) -> bool:
     return False
 
 
-def profile(box: Sandbox, seconds: float, warmup: float) -> int:
-    """Run the libp11grid EC 1-thread case once under py-spy.
+def grid_service_pid(box: Sandbox) -> int | None:
+    pidfile = box.env.get("P11GRID_GRID_PIDFILE")
+    if not pidfile:
+        return None
+    try:
+        return int(Path(pidfile).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def profile(box: Sandbox, module: str, seconds: float, warmup: float) -> int:
+    """Run the ECDSA 1-thread case of `module` once under py-spy (and the grid service too).
 
     py-spy attaches by pid once the interpreter is loaded: `py-spy record -- p11bench ...`
     gives up at once because p11bench only loads Python when it dlopen()s the module.
     """
     py_spy = find_py_spy()
     if py_spy is None:
-        log("py-spy is not installed; skipping the profile (pip install py-spy)")
+        log("py-spy is not installed; skipping the profile (pip install py-spy, or $PY_SPY)")
         return 0
-    output = BUILD_DIR / "profile.svg"
-    cmd = bench_command(box, Config("p11grid", "ec", 1), seconds, warmup)
+    host_svg = BUILD_DIR / "profile-host.svg"
+    grid_svg = BUILD_DIR / "profile-grid.svg"
+    budget = seconds + warmup + 300
+    cmd = bench_command(box, Config(module, "ec", 1), seconds, warmup)
     log(" ".join(cmd))
-    bench = subprocess.Popen(cmd, env=child_env(box), stdout=subprocess.PIPE, text=True)
+    bench = subprocess.Popen(
+        cmd, env=child_env(box, module), stdout=subprocess.PIPE, text=True
+    )
+    spies: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
         if not wait_for_libpython(bench.pid, timeout=60):
             log("no Python interpreter appeared in p11bench; nothing to profile")
             bench.wait(timeout=seconds + warmup + 120)
             return 1
         time.sleep(0.5)  # let C_Initialize start the interpreter
-        spy = [py_spy, "record", "--native", "-o", str(output), "--pid", str(bench.pid)]
-        log(" ".join(spy))
-        spy_rc = subprocess.run(spy, check=False, timeout=seconds + warmup + 300).returncode
-        stdout, _ = bench.communicate(timeout=seconds + warmup + 120)
+        targets = [("p11bench", bench.pid, host_svg)]
+        if module == "grid":
+            pid = grid_service_pid(box)
+            if pid is None:
+                log("no grid service pid in P11GRID_GRID_PIDFILE; profiling the host only")
+            else:
+                targets.append(("grid service", pid, grid_svg))
+        for name, pid, output in targets:
+            spy = [py_spy, "record", "--native", "-o", str(output), "--pid", str(pid)]
+            if name == "grid service":
+                spy += ["--duration", str(max(int(seconds), 1))]
+            log(" ".join(spy))
+            spies.append((name, subprocess.Popen(spy)))
+        stdout, _ = bench.communicate(timeout=budget)
+        rcs = {name: proc.wait(timeout=budget) for name, proc in spies}
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
+        for name, proc in spies:
+            stop_process(proc, f"py-spy on the {name}")
     if stdout.strip():
         log(f"p11bench: {stdout.strip()}")
-    if spy_rc != 0 or bench.returncode != 0:
-        log(f"py-spy exited with {spy_rc}, p11bench with {bench.returncode}")
+    if any(rcs.values()) or bench.returncode != 0:
+        log(f"py-spy exited with {rcs}, p11bench with {bench.returncode}")
         return 1
-    log(f"profile written to {output}")
+    log("profile written to " + ", ".join(str(out) for _, _, out in targets))
     return 0
 
 
@@ -651,8 +929,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="only run the libp11grid EC 1-thread case once under py-spy"
-        " (build/bench/profile.svg); no benchmark, no report",
+        help="only run the ECDSA 1-thread case of --profile-module once under py-spy"
+        " (build/bench/profile-host.svg, and profile-grid.svg for the grid service);"
+        " no benchmark, no report",
+    )
+    parser.add_argument(
+        "--profile-module",
+        choices=("local", "grid"),
+        default="grid",
+        help="which libp11grid configuration --profile runs (default: grid)",
     )
     args = parser.parse_args(argv)
     if args.seconds is None:
@@ -668,10 +953,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = load_average()
     try:
         ensure_binary()
-        with sandbox(args.p11grid) as box:
+        with sandbox(args.p11grid) as sandbox_box:
             if args.profile:
-                return profile(box, args.seconds, args.warmup)
-            summaries = run_all(box, args.repeats, args.seconds, args.warmup)
+                return profile(sandbox_box, args.profile_module, args.seconds, args.warmup)
+            with p11kit_server(sandbox_box) as box:
+                summaries = run_all(box, args.repeats, args.seconds, args.warmup)
             report = render_report(
                 summaries, box, args.repeats, args.seconds, args.warmup, started, load_before
             )

@@ -30,6 +30,9 @@
 #ifndef P11GRID_SITE_PACKAGES
 #error "build.py defines P11GRID_SITE_PACKAGES: the virtualenv's site-packages, ':'-separated"
 #endif
+#ifndef P11GRID_PYTHON
+#error "build.py defines P11GRID_PYTHON: the interpreter libpython belongs to"
+#endif
 
 /* Value p11grid_py_alive() returns once Python runs our code. */
 #define P11GRID_ALIVE_MAGIC 0x70313167UL
@@ -105,12 +108,28 @@ static void promote_libpython(void)
  * _cffi_backend from there; a system copy of another version must not win. A Python host
  * keeps its own interpreter and sys.path (our init code only appends to it).
  */
-static void start_interpreter(void)
+static int start_interpreter(void)
 {
     if (Py_IsInitialized())
-        return;
+        return 1;
     atomic_store(&owns_interpreter, 1);
-    Py_InitializeEx(0); /* 0: the host owns its signal handlers */
+    /*
+     * Isolated: the host's PYTHONPATH/PYTHONHOME are not ours. The program name is the
+     * interpreter recorded at build time, so the standard library is found from it and
+     * not from whatever `python3` comes first on the host's PATH.
+     */
+    PyConfig config;
+    PyConfig_InitIsolatedConfig(&config);
+    config.install_signal_handlers = 0; /* the host owns its signal handlers */
+    PyStatus status = PyConfig_SetBytesString(&config, &config.program_name, P11GRID_PYTHON);
+    if (!PyStatus_Exception(status))
+        status = Py_InitializeFromConfig(&config);
+    PyConfig_Clear(&config);
+    if (PyStatus_Exception(status)) {
+        fprintf(stderr, "p11grid: Python could not start: %s\n",
+                status.err_msg != NULL ? status.err_msg : "unknown error");
+        return 0;
+    }
     const char *chosen = getenv("P11GRID_SITE_PACKAGES");
     if (chosen == NULL || chosen[0] == '\0')
         chosen = P11GRID_SITE_PACKAGES;
@@ -128,12 +147,15 @@ static void start_interpreter(void)
         start += length + (end != NULL ? 1 : 0);
     }
     PyEval_SaveThread(); /* cffi and every later call take the GIL when they need it */
+    return 1;
 }
+
+static int interpreter_started = 0;
 
 static void start_once_fn(void)
 {
     promote_libpython();
-    start_interpreter();
+    interpreter_started = start_interpreter();
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
@@ -146,7 +168,9 @@ static CK_RV ensure_python(void)
         return CKR_GENERAL_ERROR;
     pthread_once(&start_once, start_once_fn);
     pthread_mutex_lock(&start_lock);
-    if (atomic_load(&python_state) == PYTHON_UNKNOWN) {
+    if (!interpreter_started) {
+        atomic_store(&python_state, PYTHON_FAILED);
+    } else if (atomic_load(&python_state) == PYTHON_UNKNOWN) {
         /* cffi starts Python on this first call; it returns 0 if that failed. */
         if (p11grid_py_alive() == P11GRID_ALIVE_MAGIC) {
             atomic_store(&python_state, PYTHON_RUNNING);

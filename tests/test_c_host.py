@@ -50,3 +50,25 @@ def test_python_that_cannot_start_answers_general_error(probe: Path,
     assert set(codes) >= {"C_GetInfo", "C_Initialize", "C_GetSlotList", "C_OpenSession",
                           "C_CreateObject", "C_Finalize"}
     assert all(code == [0x5] * len(code) for code in codes.values()), codes
+
+
+def test_another_python_first_on_path_changes_nothing(probe: Path, sandbox: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    """A host whose PATH starts with another Python (pyenv, a foreign virtualenv): the
+    module's interpreter still uses the standard library it was built with."""
+    import sys
+
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    (tmp_path / "bin").mkdir()
+    impostor = tmp_path / "bin" / "python3"
+    impostor.write_text("#!/bin/sh\nexit 1\n")
+    impostor.chmod(0o755)
+    stdlib = tmp_path / "lib" / version
+    stdlib.mkdir(parents=True)
+    (stdlib / "os.py").write_text("raise ImportError('the wrong standard library')\n")
+    environ = {**sandbox, "PATH": f"{tmp_path / 'bin'}:{CLEAN_PATH}"}
+    result = subprocess.run([str(probe), sandbox["P11GRID_MODULE"]], env=environ,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "C_Initialize 0x0" in result.stdout, result.stdout + result.stderr
+    assert "C_OpenSession 0x0" in result.stdout, result.stdout + result.stderr
