@@ -51,9 +51,11 @@ class GridSettings:
 
 
 class _Connection:
+    FIRST_BUFFER = 16 * 1024  # a reply is a signature, or an object list that grows it
     def __init__(self, tls: Any, endpoint: tuple[str, int]) -> None:
         self.tls = tls
         self.endpoint = endpoint
+        self._buffer = bytearray(self.FIRST_BUFFER)
 
     def alive(self) -> bool:
         """An idle connection has nothing to read but TLS housekeeping (session tickets);
@@ -79,24 +81,32 @@ class _Connection:
         clear_thread_errors()
         self._timeout(deadline)
         self.tls.sendall(message)
-        header = self._read(4, deadline)
-        return decode(self._read(frame_length(header), deadline))
+        # One read usually brings the whole reply (one TLS record); read more only if not.
+        buffer = self._buffer
+        view = memoryview(buffer)
+        filled = self.tls.recv_into(view)
+        while filled < 4 or filled < 4 + frame_length(view[:4]):
+            if not filled:
+                raise ConnectionResetError("the grid closed the connection")
+            if filled == len(buffer):  # a long reply (an object list): grow the buffer
+                view.release()
+                buffer.extend(bytes(len(buffer)))
+                view = memoryview(buffer)
+            self._timeout(deadline)
+            received = self.tls.recv_into(view[filled:])
+            if not received:
+                raise ConnectionResetError("the grid closed the connection")
+            filled += received
+        end = 4 + frame_length(view[:4])
+        if filled != end:
+            raise ProtocolViolation("bytes after the reply")
+        return decode(bytes(view[4:end]))
 
     def _timeout(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded("the grid did not answer within the deadline")
         self.tls.settimeout(remaining)
-
-    def _read(self, size: int, deadline: float) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < size:
-            self._timeout(deadline)
-            chunk = self.tls.recv(size - len(chunks))
-            if not chunk:
-                raise ConnectionResetError("the grid closed the connection")
-            chunks += chunk
-        return bytes(chunks)
 
     def close(self) -> None:
         try:
