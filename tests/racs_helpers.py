@@ -52,6 +52,8 @@ def make_pki(directory: Path, client_cns: list[str]) -> Pki:
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
                                             False, False), critical=True)
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                              False)
                .sign(ca_key, hashes.SHA256()))
     ca_path = directory / "ca.pem"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -65,7 +67,11 @@ def make_pki(directory: Path, client_cns: list[str]) -> Pki:
                    .not_valid_before(now - datetime.timedelta(minutes=5))
                    .not_valid_after(now + datetime.timedelta(days=1))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), False))
+                   .add_extension(x509.ExtendedKeyUsage([usage]), False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                  False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       ca_key.public_key()), False))
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
         cert = builder.sign(ca_key, hashes.SHA256())

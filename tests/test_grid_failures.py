@@ -35,6 +35,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                    capture_output=True)
 
 
+def _wait_for_state(pid: int, state: str) -> None:
+    for _ in range(200):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat[stat.rindex(")") + 2:].split()[0] == state:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never reached state {state}")
+
+
 class Grid:
     """The sandbox's grid service process, which the tests stop and start themselves."""
 
@@ -124,6 +133,7 @@ def test_restart_stall_and_gone(world: dict[str, str]) -> None:
         # Stalled: refused within the deadline, then fine again once it runs.
         assert grid.process is not None
         os.kill(grid.process.pid, signal.SIGSTOP)
+        _wait_for_state(grid.process.pid, "T")  # kill() returns before the process stops
         try:
             answer, took = application.do("sign")
             assert answer == "error DeviceError"

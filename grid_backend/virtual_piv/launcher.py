@@ -56,6 +56,14 @@ def missing_requirements() -> list[str]:
     return missing
 
 
+def _pcscd_polkit_options() -> list[str]:
+    """pcsc-lite 2.x as Debian 13 builds it asks polkit (over the system D-Bus, whose socket
+    is under the /run we hide) whether a client may connect, and refuses it when polkit
+    cannot answer. 1.9.9 (Debian 12) has no polkit and no --disable-polkit option."""
+    usage = subprocess.run(["pcscd", "--help"], capture_output=True, text=True).stdout
+    return ["--disable-polkit"] if "--disable-polkit" in usage else []
+
+
 def launch(work: Path, cards: list[tuple[Path, int]], output: Path) -> subprocess.Popen[bytes]:
     """Start the launcher in fresh network and mount namespaces, in a session of its own
     (stop it with os.killpg); its output goes to `output`."""
@@ -143,7 +151,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     children: list[subprocess.Popen[bytes]] = []
     with open(work / "pcscd.log", "wb") as pcscd_log:
-        pcscd = subprocess.Popen(["pcscd", "--foreground", "--error", "-c", str(conf)],
+        pcscd = subprocess.Popen(["pcscd", "--foreground", "--error", "-c", str(conf),
+                                  *_pcscd_polkit_options()],
                                  stdout=pcscd_log, stderr=subprocess.STDOUT)
     (work / "pcscd.pid").write_text(str(pcscd.pid))
     for index, card in enumerate(args.card):
