@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grid_backend.endpoints import parse_endpoint
 from provider.constants import CKM
 from provider.return_values import ConfigError
 
@@ -170,10 +171,10 @@ def _grid(data: dict[str, Any], where: str) -> GridConfig:
         raise ConfigError(f"{where}: endpoints must be a list of \"host:port\"")
     parsed = []
     for endpoint in endpoints:
-        host, _, port = str(endpoint).rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"{where}: endpoint {endpoint!r} is not host:port")
-        parsed.append((host.strip("[]"), int(port)))
+        try:
+            parsed.append(parse_endpoint(endpoint))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: endpoint {exc}") from None
     files = {}
     for key in ("ca", "certificate", "key"):
         value = _string(table, key, where)

@@ -38,6 +38,7 @@ from pkcs11.constants import Attribute, CertificateType, ObjectClass
 from pkcs11.mechanisms import KeyType, Mechanism
 
 from grid_backend.apdu import ApduTransport, TransportFailure
+from grid_backend.endpoints import parse_endpoint
 from grid_backend.secure_element import (
     ElementAbsent,
     ElementError,
@@ -605,11 +606,11 @@ def open_piv_card(settings: dict[str, Any]) -> PivCard:
         elif transport_kind == "racs":
             from grid_backend.transports.racs import RacsTransport
 
-            host, _, port = str(settings["server"]).rpartition(":")
-            if not host or not port.isdigit():
-                raise ElementFailure(f"PIV settings: server {settings['server']!r} is not "
-                                     "host:port")
-            transport = RacsTransport(str(settings["seid"]), host.strip("[]"), int(port),
+            try:
+                host, port = parse_endpoint(settings["server"])
+            except ValueError as exc:
+                raise ElementFailure(f"PIV settings: server {exc}") from None
+            transport = RacsTransport(str(settings["seid"]), host, port,
                                       Path(settings["certificate"]), Path(settings["key"]),
                                       Path(settings["ca"]),
                                       deadline=float(settings.get("deadline", 30.0)))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from grid_backend.endpoints import parse_endpoint
 from grid_backend.racs.protocol import DEFAULT_PORT, ProtocolViolation, Reply
 
 MAX_REPLY_LINE = 2 * 1024 * 1024  # longest reply line accepted (server caps replies at 1 MiB)
@@ -24,10 +25,7 @@ class RacsUnreachable(ConnectionError):
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        return address, DEFAULT_PORT
-    return host.strip("[]"), int(port)
+    return parse_endpoint(address, DEFAULT_PORT)
 
 
 def client_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:

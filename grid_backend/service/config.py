@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grid_backend.endpoints import parse_endpoint
+
 
 class GridConfigError(Exception):
     """The grid config is missing or wrong; the message names the file and key."""
@@ -38,10 +40,10 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str, where: str) -> Endpoint:
-        host, _, port = text.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise GridConfigError(f"{where}: {text!r} is not host:port")
-        return cls(host.strip("[]"), int(port))
+        try:
+            return cls(*parse_endpoint(text))
+        except ValueError as exc:
+            raise GridConfigError(f"{where}: {exc}") from None
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
