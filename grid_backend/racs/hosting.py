@@ -32,7 +32,7 @@ from grid_backend.service.server import GridService
 
 log = logging.getLogger("p11grid.grid.racs")
 START_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0  # a service being stopped must not wait long for RACS sessions
 
 
 class RegistryAuthorizer(Authorizer):

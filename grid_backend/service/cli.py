@@ -75,11 +75,15 @@ def serve(arguments: argparse.Namespace) -> int:
         config.pid_file.write_text(f"{os.getpid()}\n")
     print(f"p11grid grid: serving on {config.listen.host}:{server.port}", flush=True)
     try:
-        stop.wait()
+        # A timed wait: the main thread wakes regularly, so a pending signal is handled
+        # even if it arrived while the thread was not waiting on the event.
+        while not stop.wait(0.5):
+            pass
     finally:
+        # The grid's callers first; the RACS sessions after, within a short bound.
+        server.stop()
         if racs is not None:
             racs.stop()
-        server.stop()
         if config.pid_file is not None:
             config.pid_file.unlink(missing_ok=True)
         log.info("grid service stopped")
