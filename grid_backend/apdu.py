@@ -41,8 +41,3 @@ class ApduTransport(Protocol):
     def disconnect(self) -> None:
         """Release the card (power off or unlock). Idempotent."""
 
-
-def status_word(response: bytes) -> int:
-    if len(response) < 2:
-        raise TransportFailure(f"response of {len(response)} bytes has no status word")
-    return (response[-2] << 8) | response[-1]
