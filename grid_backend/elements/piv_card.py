@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from pkcs11.constants import Attribute, CertificateType, ObjectClass
 from pkcs11.mechanisms import KeyType, Mechanism
 
-from grid_backend.apdu import ApduTransport, TransportFailure
+from grid_backend.apdu import SW_OK, ApduTransport, TransportFailure
 from grid_backend.endpoints import parse_endpoint
 from grid_backend.secure_element import (
     ElementAbsent,
@@ -85,7 +85,6 @@ EC_ALGORITHMS = {"secp256r1": 0x11, "secp384r1": 0x14}
 EC_OIDS = {"secp256r1": bytes.fromhex("06082a8648ce3d030107"),
            "secp384r1": bytes.fromhex("06052b81040022")}
 
-SW_OK = 0x9000
 SW_SECURITY_STATUS = 0x6982
 SW_PIN_BLOCKED = 0x6983
 SW_NOT_FOUND = 0x6A82
