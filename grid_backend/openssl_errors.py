@@ -24,7 +24,9 @@ def clear_thread_errors() -> None:
 
         name = "libcrypto.so.3" if ssl.OPENSSL_VERSION_INFO[0] == 3 else \
             ctypes.util.find_library("crypto")
-        function = ctypes.CDLL(name).ERR_clear_error
+        # PyDLL: a call this short must not release and re-take the GIL (a contended
+        # hand-off costs more than the call).
+        function = ctypes.PyDLL(name).ERR_clear_error
         function.argtypes, function.restype = (), None
         _clear = function
     _clear()

@@ -106,8 +106,9 @@ def decode(payload: bytes) -> list[Any]:
     return message
 
 
-def frame_length(header: bytes) -> int:
-    (length,) = HEADER.unpack(header)
+def frame_length(header: bytes | bytearray | memoryview) -> int:
+    """The payload length a frame's first 4 bytes announce (more bytes may follow them)."""
+    (length,) = HEADER.unpack_from(header)
     if length > MAX_MESSAGE:
         raise ProtocolViolation(f"frame of {length} bytes exceeds {MAX_MESSAGE}")
     return int(length)

@@ -45,6 +45,7 @@ class GridConfig:
     certificate: str
     key: str
     timeout: float
+    spin_us: int = 1000
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,9 @@ def parse(text: str, path: Path) -> ModuleConfig:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"{where} [module]: log_level must be one of {', '.join(LOG_LEVELS)}")
     elements = data.get("secure_element", [])
-    if not isinstance(elements, list) or not elements:
+    # With the grid, no [[secure_element]] means: the slots are the elements the grid
+    # lets this caller use, asked for at the first C_GetSlotList.
+    if not isinstance(elements, list) or (not elements and backend != "grid"):
         raise ConfigError(f"{where}: at least one [[secure_element]] is needed")
     parsed = tuple(_secure_element(e, f"{where} [[secure_element]] #{i + 1}", backend)
                    for i, e in enumerate(elements))
@@ -165,7 +168,7 @@ def parse(text: str, path: Path) -> ModuleConfig:
 
 def _grid(data: dict[str, Any], where: str) -> GridConfig:
     table = _table(data, "grid", where)
-    _no_unknown(table, {"endpoints", "ca", "certificate", "key", "timeout"}, where)
+    _no_unknown(table, {"endpoints", "ca", "certificate", "key", "timeout", "spin_us"}, where)
     endpoints = table.get("endpoints")
     if not isinstance(endpoints, list) or not endpoints:
         raise ConfigError(f"{where}: endpoints must be a list of \"host:port\"")
@@ -184,7 +187,11 @@ def _grid(data: dict[str, Any], where: str) -> GridConfig:
     timeout = table.get("timeout", 5.0)
     if not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
         raise ConfigError(f"{where}: timeout must be a number of seconds in (0, 300]")
-    return GridConfig(endpoints=tuple(parsed), timeout=float(timeout), **files)
+    spin_us = table.get("spin_us", 1000)
+    if isinstance(spin_us, bool) or not isinstance(spin_us, int) or not 0 <= spin_us <= 5000:
+        raise ConfigError(f"{where}: spin_us must be an integer of microseconds in [0, 5000]")
+    return GridConfig(endpoints=tuple(parsed), timeout=float(timeout), spin_us=spin_us,
+                      **files)
 
 
 def load() -> ModuleConfig:

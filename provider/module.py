@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from grid_backend.client import GridPool, GridSettings, RemoteElement
-from grid_backend.secure_element import SecureElement
+from grid_backend.secure_element import ElementError, SecureElement
 from provider import config as config_module
 from provider import logs
 from provider.config import ModuleConfig, SecureElementConfig
@@ -72,16 +72,46 @@ def local_element(config: SecureElementConfig) -> SecureElement:
     raise CKRError(CKR.GENERAL_ERROR, f"no driver {config.driver!r}")
 
 
-def element_factory(config: ModuleConfig) -> Callable[[SecureElementConfig], SecureElement]:
-    """How this configuration reaches its elements. Nothing connects here."""
+@dataclass(frozen=True)
+class Backend:
+    """How this configuration reaches its elements. Nothing connects when it is built."""
+
+    open_element: Callable[[SecureElementConfig], SecureElement]
+    # backend = "grid" without [[secure_element]]: the elements the grid lets us use.
+    discover: Callable[[], list[SecureElementConfig]] | None = None
+
+
+def backend_for(config: ModuleConfig) -> Backend:
     if config.backend != "grid":
-        return local_element
+        return Backend(local_element)
     assert config.grid is not None
     grid = config.grid
     pool = GridPool(GridSettings(endpoints=grid.endpoints, ca=Path(grid.ca),
                                  certificate=Path(grid.certificate), key=Path(grid.key),
-                                 timeout=grid.timeout))
-    return lambda element: RemoteElement(pool, element.seid or element.label)
+                                 timeout=grid.timeout, spin=grid.spin_us / 1e6))
+
+    def open_element(element: SecureElementConfig) -> SecureElement:
+        return RemoteElement(pool, element.seid or element.label)
+
+    if config.secure_elements:
+        return Backend(open_element)
+
+    def discover() -> list[SecureElementConfig]:
+        found: list[SecureElementConfig] = []
+        for entry in pool.call("list", {}, idempotent=True).get("elements", ()):
+            label, seid = str(entry.get("label", "")), str(entry.get("seid", ""))
+            if not label or len(label.encode()) > 32 or not seid:
+                log.warning("grid element %r: label %r cannot be a token label; skipped",
+                            seid, label)
+            elif any(f.label == label for f in found):
+                log.warning("grid element %r: label %r is taken by another; skipped",
+                            seid, label)
+            else:
+                found.append(SecureElementConfig(label=label, driver="grid", library="",
+                                                 token_label="", seid=seid))
+        return found
+
+    return Backend(open_element, discover)
 
 
 @dataclass
@@ -90,12 +120,20 @@ class _Running:
 
     pid: int
     config: ModuleConfig
-    tokens: list[Token]
+    backend: Backend
+    allocate: Callable[[], int]  # object handles, unique across this module's tokens
+    tokens: list[Token] | None = None  # None: not yet discovered
     sessions: dict[int, Session] = field(default_factory=dict)
     # Numbered from a per-process base, so that a forked child's sessions never carry
     # the numbers of its parent's.
     session_numbers: Any = field(
         default_factory=lambda: itertools.count(((os.getpid() & 0x7FFF) << 16) + 1))
+
+
+    def make_tokens(self, elements: tuple[SecureElementConfig, ...] | list[SecureElementConfig]
+                    ) -> list[Token]:
+        return [Token(i, c, self.backend.open_element, self.allocate)
+                for i, c in enumerate(elements)]
 
 
 def _deliver(result: bytes, capacity: int | None) -> Output:
@@ -124,13 +162,16 @@ class Module:
             config = config_module.load()
             logs.configure(config.log_file, config.log_level)
             object_numbers = itertools.count(1)
-            allocate = lambda: next(object_numbers)  # noqa: E731
-            factory = element_factory(config)
-            tokens = [Token(i, c, factory, allocate)
-                      for i, c in enumerate(config.secure_elements)]
-            self._running = _Running(os.getpid(), config, tokens)
+            backend = backend_for(config)
+            running = _Running(os.getpid(), config, backend,
+                               lambda: next(object_numbers))
+            if backend.discover is None:
+                running.tokens = running.make_tokens(config.secure_elements)
+            self._running = running
             self._on_initialized(True)
-            log.info("initialized from %s: %d slot(s), backend %s", config.path, len(tokens),
+            slots = "from the grid at first use" if running.tokens is None \
+                else f"{len(running.tokens)} slot(s)"
+            log.info("initialized from %s: %s, backend %s", config.path, slots,
                      config.backend)
 
     def finalize(self) -> None:
@@ -138,7 +179,7 @@ class Module:
             running = self._require()
             self._running = None
             self._on_initialized(False)
-            for token in running.tokens:
+            for token in running.tokens or ():
                 try:
                     token.close()
                 except Exception as exc:
@@ -158,11 +199,29 @@ class Module:
 
     # --- slots and tokens ---------------------------------------------------
 
+    def _tokens(self) -> list[Token]:
+        running = self._require()
+        if running.tokens is not None:
+            return running.tokens
+        with self._lock:
+            if running.tokens is None:
+                assert running.backend.discover is not None
+                try:
+                    found = running.backend.discover()
+                except ElementError as exc:
+                    # C_GetSlotList may not answer CKR_DEVICE_*: not cached, asked again.
+                    raise CKRError(CKR.FUNCTION_FAILED,
+                                   f"cannot ask the grid for its elements: {exc}") from exc
+                running.tokens = running.make_tokens(found)
+                log.info("the grid lets this caller use %d element(s): %s", len(found),
+                         ", ".join(f"{e.label} ({e.seid})" for e in found) or "none")
+            return running.tokens
+
     def slot_list(self) -> list[int]:
-        return [t.slot_id for t in self._require().tokens]
+        return [t.slot_id for t in self._tokens()]
 
     def token(self, slot_id: int) -> Token:
-        tokens = self._require().tokens
+        tokens = self._tokens()
         if not 0 <= slot_id < len(tokens):
             raise CKRError(CKR.SLOT_ID_INVALID, f"no slot {slot_id}")
         return tokens[slot_id]

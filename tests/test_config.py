@@ -68,3 +68,33 @@ def test_path_comes_from_environment_and_must_be_absolute(
     (tmp_path / "ok.toml").write_text(GOOD)
     monkeypatch.setenv("P11GRID_CONF", str(tmp_path / "ok.toml"))
     assert load().path == tmp_path / "ok.toml"
+
+
+GRID = """
+[module]
+backend = "grid"
+
+[grid]
+endpoints = ["127.0.0.1:7443"]
+ca = "/etc/p11grid/ca.pem"
+certificate = "/etc/p11grid/vm.pem"
+key = "/etc/p11grid/vm.key"
+"""
+
+
+def test_grid_defaults_and_discovery() -> None:
+    config = parse(GRID, Path("/x.toml"))
+    assert config.secure_elements == ()  # the grid will be asked for them
+    assert config.grid is not None
+    assert (config.grid.timeout, config.grid.spin_us) == (5.0, 1000)
+    quiet = parse(GRID.replace('key = "/etc/p11grid/vm.key"',
+                               'key = "/etc/p11grid/vm.key"\nspin_us = 0'), Path("/x.toml"))
+    assert quiet.grid is not None and quiet.grid.spin_us == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "5001", "1.5", "true", '"fast"'])
+def test_grid_spin_must_be_bounded_microseconds(value: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(GRID.replace('key = "/etc/p11grid/vm.key"',
+                           f'key = "/etc/p11grid/vm.key"\nspin_us = {value}'), Path("/x.toml"))
+    assert "spin_us must be an integer of microseconds in [0, 5000]" in str(error.value)

@@ -136,3 +136,47 @@ def test_administration_cli(tmp_path: Path) -> None:
                             "--driver", "pkcs11", "--library", library, "--token-label", "x"],
                            env=environ, capture_output=True, text=True)
     assert again.returncode == 1 and "already registered" in again.stderr
+
+
+def _discovering_config(sandbox: dict[str, str], tmp_path: Path, endpoint: str | None = None
+                        ) -> Path:
+    """The sandbox's module config without its [[secure_element]] tables."""
+    text = Path(sandbox["P11GRID_CONF"]).read_text()
+    text = text[:text.index("[[secure_element]]")]
+    if endpoint is not None:
+        text = text.replace(sandbox["P11GRID_GRID_ADDR"], endpoint)
+    config = tmp_path / "discover.toml"
+    config.write_text(text)
+    return config
+
+
+def test_slots_discovered_from_the_grid(sandbox: dict[str, str],
+                                        sandbox_environ: dict[str, str],
+                                        tmp_path: Path) -> None:
+    env = {**sandbox_environ, "P11GRID_CONF": str(_discovering_config(sandbox, tmp_path))}
+    listed = subprocess.run(["pkcs11-tool", "--module", sandbox["P11GRID_MODULE"], "-L"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    labels = [line.split(":", 1)[1].strip() for line in listed.stdout.splitlines()
+              if line.strip().startswith("token label")]
+    assert labels == ["piv-se", "vm-se"]  # what the registry binds to vm-1, in its order
+    objects = subprocess.run(
+        ["pkcs11-tool", "--module", sandbox["P11GRID_MODULE"], "--token-label", "vm-se",
+         "--login", "--pin", sandbox["P11GRID_PIN"], "--list-objects", "--type", "privkey"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert objects.returncode == 0, objects.stderr
+    assert "label:      vm-ec" in objects.stdout and "label:      vm-rsa" in objects.stdout
+
+
+def test_slot_discovery_with_the_grid_gone_fails_clearly(sandbox: dict[str, str],
+                                                          sandbox_environ: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{unused.getsockname()[1]}"
+    env = {**sandbox_environ,
+           "P11GRID_CONF": str(_discovering_config(sandbox, tmp_path, endpoint))}
+    listed = subprocess.run(["pkcs11-tool", "--module", sandbox["P11GRID_MODULE"], "-L"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode != 0
+    assert "CKR_FUNCTION_FAILED" in listed.stdout + listed.stderr

@@ -1,20 +1,27 @@
-"""The grid service: TLS 1.3 on 127.0.0.1, callers authenticated by certificate, one thread
-per connection, each connection carrying requests one after another.
+"""The grid service: TLS 1.3 on 127.0.0.1, callers authenticated by certificate, each
+connection carrying requests one after another.
 
-Threads, not an event loop: every request ends in a blocking element call, and a thread
-per pooled client connection is the shortest path from socket to element.
+One reactor thread reads every connection and makes the quick element calls itself; slow
+ones (RSA, logins, cards) go to a pool of threads. A thread per connection made the
+common case, an ECDSA signature of ~45 us, pay a GIL hand-off between connection threads
+at every step once two callers were busy (bench/analysis.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import queue
+import selectors
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +199,23 @@ class Caller:
 
 
 AUDITED = {"login", "logout", "sign", "decrypt", "random"}
+_quoted = functools.lru_cache(maxsize=4096)(json.dumps)  # the same few names, every line
+TIMED = {"sign", "decrypt", "random"}  # answered by the reactor itself once proven quick
+QUICK_CALL = 0.0003  # s: element calls faster than this (smoothed) skip the worker pool
+SLOW_WORKERS = 32  # element calls in progress at once, besides the reactor's own
+SEND_TIMEOUT = 5.0  # s a reply may wait for room in a caller's socket
+STICKY_WAIT = 0.005  # s a worker waits for a slow caller's next request before handing back
+
+
+@dataclass
+class _Request:
+    received: float
+    request_id: Any = None
+    operation: str = "?"
+    deadline_ms: int = 0
+    arguments: dict[str, Any] = field(default_factory=dict)
+    failure: ElementError | None = None  # malformed: answered with this
+    kind: tuple[Any, ...] | None = None  # what the element-call timing is kept by
 
 
 class AuditTrail:
@@ -205,22 +229,26 @@ class AuditTrail:
     def __init__(self, path: Path | None) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640) \
             if path is not None else None
+        self._second = -1
+        self._stamp = ""
 
     def record(self, caller: str, operation: str, seid: str, result: str, ms: float,
                key: str | None = None, mechanism: int | None = None) -> None:
-        fields = [f'"caller": {json.dumps(caller)}']
+        fields = f'"caller": {_quoted(caller)}'
         if key is not None:
-            fields.append(f'"key": {json.dumps(key)}')
+            fields += f', "key": {_quoted(key)}'
         if mechanism is not None:
-            fields.append(f'"mechanism": "0x{mechanism:x}"')
-        fields += [f'"ms": {ms:.3f}', f'"op": "{operation}"', f'"result": {json.dumps(result)}',
-                   f'"seid": {json.dumps(seid)}']
-        line = "{" + ", ".join(fields) + "}"
+            fields += f', "mechanism": "0x{mechanism:x}"'
+        line = (f'{{{fields}, "ms": {ms:.3f}, "op": "{operation}", '
+                f'"result": {_quoted(result)}, "seid": {_quoted(seid)}}}')
         if self._fd is None:
             audit.info(line)
             return
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-        os.write(self._fd, f"{stamp} {line}\n".encode())
+        now = int(time.time())
+        if now != self._second:  # one strftime a second, not one a signature
+            self._second = now
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        os.write(self._fd, f"{self._stamp} {line}\n".encode())
 
     def close(self) -> None:
         if self._fd is not None:
@@ -228,7 +256,104 @@ class AuditTrail:
             self._fd = None
 
 
+class _Link:
+    """One caller's TLS connection as the reactor keeps it: its bytes not yet answered."""
+
+    FIRST_BUFFER = 64 * 1024
+
+    def __init__(self, tls: ssl.SSLSocket, caller: Caller) -> None:
+        self.tls = tls
+        self.caller = caller
+        self.buffer = bytearray(self.FIRST_BUFFER)
+        self.view = memoryview(self.buffer)
+        self.filled = 0
+        self.last_active = time.monotonic()
+
+    def _receive(self) -> None:
+        """One TLS read into the free end of the buffer, grown when full."""
+        if self.filled == len(self.buffer):  # a frame bigger than the buffer
+            self.view.release()
+            self.buffer.extend(bytes(len(self.buffer)))
+            self.view = memoryview(self.buffer)
+        clear_thread_errors()
+        received = self.tls.recv_into(self.view[self.filled:])
+        if not received:
+            raise ConnectionResetError("the caller closed the connection")
+        self.filled += received
+        self.last_active = time.monotonic()
+
+    def read_available(self) -> bool:
+        """Read what the socket and TLS hold now; False: the peer is gone."""
+        try:
+            while True:
+                self._receive()
+                if self._frame_end() and not self.tls.pending():
+                    return True  # the usual case; more bytes would wake the selector again
+        except ssl.SSLWantReadError:
+            return True
+        except OSError as exc:  # ssl.SSLError included
+            log.debug("connection of %s ended: %s", self.caller.identity, exc)
+            return False
+        except ProtocolViolation as exc:
+            log.info("closing the connection of %s: %s", self.caller.identity, exc)
+            return False
+
+    def _frame_end(self) -> int:
+        """Where the first complete frame ends in the buffer; 0: none yet."""
+        if self.filled < 4:
+            return 0
+        end = 4 + frame_length(self.buffer)
+        return end if self.filled >= end else 0
+
+    def next_frame(self) -> bytes | None:
+        """The payload of the first complete frame, removed from the buffer (or None)."""
+        end = self._frame_end()
+        if not end:
+            return None
+        payload = bytes(self.view[4:end])
+        rest = self.filled - end
+        if rest:  # a request sent before its predecessor's reply: keep it, copied
+            self.buffer[:rest] = bytes(self.view[end:self.filled])
+        self.filled = rest
+        return payload
+
+    def wait_frame(self, seconds: float) -> bytes | None:
+        """In a worker: the next request if it arrives within `seconds`, else None (and
+        whatever part of it arrived stays in the buffer). A lost peer raises OSError."""
+        payload = self.next_frame()
+        if payload is not None:
+            return payload
+        self.tls.settimeout(seconds)
+        try:
+            while payload is None:
+                self._receive()
+                payload = self.next_frame()
+        except TimeoutError:
+            return None
+        finally:
+            self.tls.settimeout(0.0)
+        return payload
+
+    def send(self, reply: bytes) -> None:
+        """Replies normally fit the socket buffer at once; else wait for room, bounded."""
+        clear_thread_errors()
+        try:
+            self.tls.sendall(reply)
+        except ssl.SSLWantWriteError:
+            self.tls.settimeout(SEND_TIMEOUT)
+            try:
+                self.tls.sendall(reply)  # OpenSSL wants the same buffer again
+            finally:
+                self.tls.settimeout(0.0)
+
+
 class GridServer:
+    """Connections are accepted by one thread and handshaken by a short-lived thread each;
+    then one reactor thread reads every connection and answers the requests whose element
+    call has proven quick (an ECDSA signature by a software token) itself, and hands the
+    others (RSA, logins, listings, cards) to a pool of threads. So the common fast request
+    costs no thread hand-off, and the GIL is not passed between connection threads."""
+
     def __init__(self, config: GridConfig, service: GridService) -> None:
         self.config = config
         self.service = service
@@ -237,6 +362,13 @@ class GridServer:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._context = self._tls_context()
         self.audit = AuditTrail(config.audit_log)
+        self._incoming: queue.SimpleQueue[_Link] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._workers = ThreadPoolExecutor(max_workers=SLOW_WORKERS,
+                                           thread_name_prefix="grid-element")
+        self._took: dict[tuple[Any, ...], float] = {}  # smoothed element-call time per kind
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -260,15 +392,24 @@ class GridServer:
         listener.listen(128)
         self._listener = listener
         threading.Thread(target=self._accept, name="grid-accept", daemon=True).start()
+        threading.Thread(target=self._react, name="grid-reactor", daemon=True).start()
         log.info("grid service listening on %s:%d (TLS 1.3, client certificates required)",
                  listen.host, self.port)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake()
         if self._listener is not None:
             self._listener.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self.service.close()
         self.audit.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_write.send(b"!")
+        except OSError:
+            pass  # already full: the reactor will wake anyway
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -284,92 +425,208 @@ class GridServer:
                             self.config.max_connections)
                 raw.close()
                 continue
-            threading.Thread(target=self._serve, args=(raw, address), daemon=True,
-                             name=f"grid-{address[1]}").start()
+            threading.Thread(target=self._handshake, args=(raw, address), daemon=True,
+                             name=f"grid-handshake-{address[1]}").start()
 
-    def _serve(self, raw: socket.socket, address: Any) -> None:
+    def _handshake(self, raw: socket.socket, address: Any) -> None:
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(HANDSHAKE_TIMEOUT)
-            try:
-                clear_thread_errors()
-                connection = self._context.wrap_socket(raw, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                log.info("TLS handshake with %s failed: %s", address, exc)
-                return
-            caller = Caller(identities_of(connection.getpeercert() or {}))
-            connection.settimeout(self.config.idle_timeout)
-            with connection:
-                self._requests(connection, caller)
-        finally:
+            clear_thread_errors()
+            tls = self._context.wrap_socket(raw, server_side=True)
+            caller = Caller(identities_of(tls.getpeercert() or {}))
+            tls.settimeout(0.0)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", address, exc)
             raw.close()
             self._slots.release()
+            return
+        self._incoming.put(_Link(tls, caller))
+        self._wake()
 
-    def _requests(self, connection: ssl.SSLSocket, caller: Caller) -> None:
-        buffer = bytearray(64 * 1024)
-        view = memoryview(buffer)
-        filled = 0  # bytes of buffer holding data not yet answered
-        while not self._stopping.is_set():
+    def _close(self, link: _Link, selector: selectors.BaseSelector | None) -> None:
+        if selector is not None:
             try:
-                while filled < 4 or filled < 4 + frame_length(view[:4]):
-                    if filled == len(buffer):  # a frame bigger than the buffer: grow it
-                        buffer.extend(bytes(len(buffer)))
-                        view = memoryview(buffer)
-                    clear_thread_errors()
-                    received = connection.recv_into(view[filled:])
-                    if not received:
+                selector.unregister(link.tls)
+            except (KeyError, ValueError):
+                pass
+        try:
+            link.tls.close()
+        except OSError:
+            pass
+        self._slots.release()
+
+    def _react(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ, None)
+        links: set[_Link] = set()
+        next_sweep = time.monotonic() + 1.0
+        try:
+            while not self._stopping.is_set():
+                woken = False
+                for key, _ in selector.select(timeout=1.0):
+                    link = key.data
+                    if link is None:
+                        woken = True
+                        continue
+                    try:
+                        readable = link.read_available()
+                    except Exception:  # a bug must never take the reactor down
+                        log.exception("reading from %s failed", link.caller.identity)
+                        readable = False
+                    if not readable:
+                        links.discard(link)
+                        self._close(link, selector)
+                        continue
+                    self._serve(link, selector, links)
+                if woken:  # new connections, and those a worker has answered
+                    try:
+                        while self._wake_read.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    while not self._incoming.empty():
+                        link = self._incoming.get()
+                        try:
+                            selector.register(link.tls, selectors.EVENT_READ, link)
+                        except (ValueError, OSError) as exc:  # closed meanwhile
+                            log.debug("dropping the connection of %s: %s",
+                                      link.caller.identity, exc)
+                            self._close(link, None)
+                            continue
+                        links.add(link)
+                        self._serve(link, selector, links)  # bytes already read: no event
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + 1.0
+                    for link in [k for k in links
+                                 if now - k.last_active > self.config.idle_timeout]:
+                        log.debug("closing the idle connection of %s", link.caller.identity)
+                        links.discard(link)
+                        self._close(link, selector)
+        finally:
+            for link in links:
+                self._close(link, selector)
+            selector.close()
+
+    def _serve(self, link: _Link, selector: selectors.BaseSelector, links: set[_Link]) -> None:
+        """Answer the complete requests `link` holds; a slow one goes to a worker, and the
+        link leaves the reactor until its reply is sent (one request at a time per link)."""
+        try:
+            while (payload := link.next_frame()) is not None:
+                request = self._request(payload)
+                if self._quick(request):
+                    if not self._respond(link, request):
+                        links.discard(link)
+                        self._close(link, selector)
                         return
-                    filled += received
-            except ProtocolViolation as exc:
-                log.info("closing the connection of %s: %s", caller.identity, exc)
+                    continue
+                selector.unregister(link.tls)
+                links.discard(link)
+                self._workers.submit(self._respond_later, link, request)
                 return
-            except OSError as exc:
-                log.debug("connection of %s ended: %s", caller.identity, exc)
-                return
-            end = 4 + frame_length(view[:4])
-            reply, audited = self._answer(caller, bytes(view[4:end]))
-            # Requests come one at a time per connection; keep whatever follows.
-            buffer[:filled - end] = buffer[end:filled]
-            filled -= end
-            try:
-                clear_thread_errors()
-                connection.sendall(reply)
-            except OSError:
-                return
-            finally:
-                # The reply goes first: the audit write is not on the caller's clock.
-                if audited is not None:
-                    self._audit(caller, *audited)
+            return  # all answered: wait for the next request
+        except ProtocolViolation as exc:
+            log.info("closing the connection of %s: %s", link.caller.identity, exc)
+        except Exception:  # a bug must never take the reactor down
+            log.exception("closing the connection of %s after an unexpected error",
+                          link.caller.identity)
+        links.discard(link)
+        self._close(link, selector)
 
-    def _answer(self, caller: Caller, payload: bytes) -> tuple[bytes, tuple[Any, ...] | None]:
-        """The encoded reply, and what the audit line must say (None: not audited)."""
-        received = time.monotonic()
-        request_id: Any = None
-        operation = "?"
-        arguments: dict[str, Any] = {}
+    def _respond_later(self, link: _Link, request: _Request | None) -> None:
+        """In a worker: answer `request`, then the link's next ones while they keep coming
+        quickly and stay slow (an RSA caller's next request is usually ~0.1 ms away:
+        handing the link back and forth would cost two thread wake-ups per request)."""
+        try:
+            while request is not None and not self._stopping.is_set():
+                if not self._respond(link, request):
+                    break
+                if self._quick(request):
+                    request = None  # back to the reactor, which answers these itself
+                    continue
+                payload = link.wait_frame(STICKY_WAIT)
+                request = self._request(payload) if payload is not None else None
+            else:
+                if not self._stopping.is_set():
+                    self._incoming.put(link)
+                    self._wake()
+                    return
+        except ProtocolViolation as exc:
+            log.info("closing the connection of %s: %s", link.caller.identity, exc)
+        except OSError as exc:  # ssl.SSLError included
+            log.debug("connection of %s ended: %s", link.caller.identity, exc)
+        except Exception:
+            log.exception("answering %s failed unexpectedly", link.caller.identity)
+        self._close(link, None)
+
+    def _quick(self, request: _Request) -> bool:
+        kind = request.kind
+        return kind is not None and self._took.get(kind, QUICK_CALL) < QUICK_CALL
+
+    def _respond(self, link: _Link, request: _Request) -> bool:
+        """Answer one request and send the reply; False: the connection is lost."""
+        reply, audited, took = self._answer(link.caller, request)
+        if request.kind is not None and took is not None:
+            before = self._took.get(request.kind)
+            self._took[request.kind] = took if before is None else 0.8 * before + 0.2 * took
+        try:
+            link.send(reply)
+        except OSError:
+            return False
+        finally:
+            # The reply goes first: the audit write is not on the caller's clock.
+            if audited is not None:
+                self._audit(link.caller, *audited)
+        link.last_active = time.monotonic()
+        return True
+
+    def _request(self, payload: bytes) -> _Request:
+        request = _Request(received=time.monotonic())
         try:
             message = decode(payload)
             if len(message) != 4 or not isinstance(message[3], dict):
                 raise ProtocolViolation("a request is [id, operation, deadline_ms, arguments]")
-            request_id, operation, deadline_ms, arguments = message
+            request.request_id, operation, deadline_ms, request.arguments = message
             if not isinstance(operation, str) or not isinstance(deadline_ms, int):
                 raise ProtocolViolation("bad operation or deadline")
-            if time.monotonic() - received > deadline_ms / 1000:
+            request.operation, request.deadline_ms = operation, deadline_ms
+        except ElementError as failure:
+            request.failure = failure
+            request.kind = ("malformed",)
+            return request
+        if operation in TIMED:
+            arguments = request.arguments
+            request.kind = (operation, arguments.get("seid"), arguments.get("mechanism"))
+        return request
+
+    def _answer(self, caller: Caller, request: _Request
+                ) -> tuple[bytes, tuple[Any, ...] | None, float | None]:
+        """The encoded reply, what the audit line must say (None: not audited), and how
+        long the element call took (None: it was not made)."""
+        operation, arguments = request.operation, request.arguments
+        took: float | None = None
+        try:
+            if request.failure is not None:
+                raise request.failure
+            if time.monotonic() - request.received > request.deadline_ms / 1000:
                 raise DeadlineExceeded("the deadline passed before the element was asked")
+            started = time.monotonic()
             body, ok = self.service.handle(caller, operation, arguments), True
+            took = time.monotonic() - started
         except ElementError as failure:
             body, ok = {"error": failure_kind(failure), "message": str(failure)}, False
-        except Exception as failure:  # a bug must not take the connection's thread down
+        except Exception as failure:  # a bug must not take the connection down
             log.exception("operation %s failed unexpectedly", operation)
             body = {"error": "failure", "message": f"{type(failure).__name__}"}
             ok = False
-        audited = (operation, arguments, ok, body, time.monotonic() - received) \
+        audited = (operation, arguments, ok, body, time.monotonic() - request.received) \
             if operation in AUDITED else None
         try:
-            return encode([request_id, ok, body]), audited
+            return encode([request.request_id, ok, body]), audited, took
         except (ElementFailure, TypeError, ValueError):
             return encode([None, False, {"error": "protocol", "message": "unencodable reply"}]), \
-                audited
+                audited, took
 
     def _audit(self, caller: Caller, operation: str, arguments: dict[str, Any], ok: bool,
                body: dict[str, Any], took: float) -> None:
