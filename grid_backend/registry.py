@@ -70,6 +70,7 @@ class KeyRecord:
 
 class Registry(Protocol):
     def add_element(self, record: ElementRecord) -> None: ...
+    def update_element(self, record: ElementRecord) -> None: ...
     def elements(self) -> list[ElementRecord]: ...
     def element(self, seid: str) -> ElementRecord: ...
     def bind(self, identity: str, seid: str) -> None: ...
@@ -77,6 +78,7 @@ class Registry(Protocol):
     def bindings(self) -> list[tuple[str, str]]: ...
     def allowed(self, identities: list[str]) -> set[str]: ...
     def add_key(self, record: KeyRecord) -> None: ...
+    def remove_keys(self, seid: str, key_id: str) -> None: ...
     def keys(self, seid: str | None = None) -> list[KeyRecord]: ...
     def add_administrator(self, identity: str, seid: str) -> None: ...
     def administrators(self, seid: str) -> list[str]: ...
@@ -126,6 +128,15 @@ class SqliteRegistry:
                   (record.seid, record.label, record.driver,
                    json.dumps(record.settings, sort_keys=True), _now()))
 
+    def update_element(self, record: ElementRecord) -> None:
+        """Replace a registered element's label, driver and settings; its bindings, keys
+        and administrators stay."""
+        self.element(record.seid)
+        self._run("UPDATE secure_element SET label = ?, driver = ?, settings = ? "
+                  "WHERE seid = ?",
+                  (record.label, record.driver, json.dumps(record.settings, sort_keys=True),
+                   record.seid))
+
     def elements(self) -> list[ElementRecord]:
         rows = self._run("SELECT seid, label, driver, settings FROM secure_element ORDER BY seid")
         return [ElementRecord(s, label, d, json.loads(settings)) for s, label, d, settings in rows]
@@ -160,6 +171,12 @@ class SqliteRegistry:
     def add_key(self, record: KeyRecord) -> None:
         self._run("INSERT INTO element_key VALUES (?, ?, ?, ?, ?)",
                   (record.seid, record.label, record.key_id, record.kind, _now()))
+
+    def remove_keys(self, seid: str, key_id: str) -> None:
+        """Forget the keys recorded with this id (hex) in the element: a PIV slot's key,
+        replaced by a new one."""
+        self._run("DELETE FROM element_key WHERE seid = ? AND key_id = ?",
+                  (seid, key_id.lower()))
 
     def keys(self, seid: str | None = None) -> list[KeyRecord]:
         if seid is None:

@@ -18,10 +18,16 @@ Works over any ApduTransport (PC/SC, RACS). What it shows:
   therefore false: the driver does the per-signature VERIFY itself.
 - One lock around each APDU sequence: a card runs one command at a time, and VERIFY must
   directly precede a 9C signature.
+- Key generation (`generate_key`, for `p11grid grid keygen`): the card management key (9B,
+  AES-192) authenticated, GENERATE ASYMMETRIC KEY PAIR in the slot, a certificate
+  self-signed by the new key on the card (CN = the label), PUT DATA into the slot's
+  certificate object. The certificate is what makes the slot visible (see above).
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import logging
 import struct
 import threading
@@ -31,9 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.x509.oid import NameOID
 from pkcs11.constants import Attribute, CertificateType, ObjectClass
 from pkcs11.mechanisms import KeyType, Mechanism
 
@@ -54,6 +63,7 @@ from grid_backend.secure_element import (
     PinInvalid,
     PinLocked,
 )
+from idm import der
 
 log = logging.getLogger("p11grid.element.piv")
 
@@ -85,9 +95,22 @@ EC_ALGORITHMS = {"secp256r1": 0x11, "secp384r1": 0x14}
 EC_OIDS = {"secp256r1": bytes.fromhex("06082a8648ce3d030107"),
            "secp384r1": bytes.fromhex("06052b81040022")}
 
+# Key generation: the kinds `generate_key` knows, and the card management key.
+KEYGEN_KINDS = {"rsa2048": RSA_ALGORITHMS[2048], "ec256": EC_ALGORITHMS["secp256r1"]}
+ALG_AES_192 = 0x0A
+KEY_MANAGEMENT = 0x9B
+MANAGEMENT_KEY_SIZE = 24  # AES-192
+SELF_SIGNED_DAYS = 365
+# SHA-256 DigestInfo prefix (RFC 8017 9.2 note 1), for the EMSA-PKCS1-v1_5 block.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
 SW_SECURITY_STATUS = 0x6982
 SW_PIN_BLOCKED = 0x6983
+SW_WRONG_DATA = 0x6A80
 SW_NOT_FOUND = 0x6A82
+SW_NOT_ENOUGH_MEMORY = 0x6A84
+SW_WRONG_P1P2 = 0x6A86
+SW_REFERENCE_NOT_FOUND = 0x6A88
 SW_INS_NOT_SUPPORTED = 0x6D00
 SHORT_CHUNK = 255
 
@@ -146,6 +169,15 @@ class CardStatus(ElementFailure):
     def __init__(self, what: str, sw: int) -> None:
         super().__init__(f"{what}: card answered {sw:04X}")
         self.sw = sw
+
+
+class ManagementKeyRefused(ElementFailure):
+    """The card did not accept the management key's answer to its challenge: a wrong key."""
+
+    def __init__(self) -> None:
+        super().__init__("the card refused the management key (9B): card answered 6982, "
+                         "security status not satisfied (wrong key)")
+        self.sw = SW_SECURITY_STATUS
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,10 +448,7 @@ class PivCard:
     # Login -------------------------------------------------------------------------------
 
     def login(self, pin: str) -> None:
-        encoded = pin.encode()
-        if not (6 <= len(encoded) <= 8 and encoded.isdigit()):
-            raise PinInvalid("a PIV PIN is 6 to 8 digits")
-        padded = encoded.ljust(8, b"\xff")
+        padded = _padded_pin(pin)
 
         def run() -> bytes:
             self._verify(padded)
@@ -551,6 +580,249 @@ class PivCard:
             return collected
 
         return self._sequence(run)
+
+    # Key generation ----------------------------------------------------------------------
+
+    def generate_key(self, pin: str, label: str, key_id: bytes, kind: str,
+                     management_key: bytes | None = None) -> None:
+        """Generate a key pair in the slot `key_id` names, inside the card, and write a
+        certificate for it self-signed on the card (CN = `label`). Replaces the slot's key.
+
+        Needs the card management key (9B, AES-192) and the PIN. Everything is checked
+        before the card changes; a failure after GENERATE leaves the slot's new key without
+        a certificate (the old one is deleted, so the slot is not shown) and says so.
+        """
+        slot = piv_slot(key_id)
+        if kind not in KEYGEN_KINDS:
+            raise KeyRefused(f"key kind {kind!r} cannot be generated on a PIV card (known: "
+                             f"{', '.join(KEYGEN_KINDS)})")
+        if management_key is None:
+            raise ElementFailure("generating a key on a PIV card needs its management key "
+                                 "(9B, AES-192, 24 bytes)")
+        if len(management_key) != MANAGEMENT_KEY_SIZE:
+            raise ElementFailure(f"a PIV management key is {MANAGEMENT_KEY_SIZE} bytes "
+                                 f"(AES-192), not {len(management_key)}")
+        administration_key: bytes = management_key
+        padded = _padded_pin(pin)
+        try:
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
+        except ValueError as exc:
+            raise InputRefused(f"the label cannot be the certificate's CN: {exc}") from None
+        algorithm = KEYGEN_KINDS[kind]
+        reference = slot.key_reference
+
+        def card_sign(challenge: bytes) -> bytes:
+            self._verify(padded)  # directly before: 9C wants it for every signature
+            body, sw = self._exchange(
+                bytes([0x00, 0x87, algorithm, reference]),
+                _tlv(0x7C, _tlv(0x82, b"") + _tlv(0x81, challenge)))
+            if sw != SW_OK:
+                raise CardStatus(f"GENERAL AUTHENTICATE with the new key in {reference:02X}",
+                                 sw)
+            response = _parse_tlv(_parse_tlv(body).get(0x7C, b"")).get(0x82)
+            if response is None:
+                raise ElementFailure("GENERAL AUTHENTICATE answered no response (82)")
+            return response
+
+        def run() -> bytes:
+            try:
+                # The PIN first: a wrong one stops us before the slot's old key is gone.
+                self._verify(padded)
+                self._authenticate_management(administration_key)
+                public_key = self._generate_pair(reference, algorithm)
+                try:
+                    certificate = self_signed_certificate(
+                        _keygen_certificate(subject, slot, public_key), public_key, card_sign)
+                    self._put_certificate(slot, certificate.public_bytes(
+                        serialization.Encoding.DER))
+                except ElementError as exc:
+                    self._forget_certificate(slot)
+                    raise ElementFailure(f"slot {reference:02X} now holds a new key without "
+                                         f"a certificate: {exc}") from exc
+            finally:
+                self._drop_administration()
+            return b""
+
+        with self._lock:
+            self._sequence(run)
+            log.info("generated a %s key in slot %02X", kind, reference)
+            self.labels[reference] = label
+            try:
+                self._ensure_ready()
+                self._read_objects()
+            except ElementError as exc:
+                # The key is there all the same; the next listing reads the card again.
+                log.warning("objects not re-read after key generation: %s", exc)
+                self._ready = False
+                self._keys, self._public, self._private = {}, [], []
+
+    def _authenticate_management(self, key: bytes) -> None:
+        """SP 800-73-4 external authentication of the card management key (9B)."""
+        header = bytes([0x00, 0x87, ALG_AES_192, KEY_MANAGEMENT])
+        body, sw = self._exchange(header, _tlv(0x7C, _tlv(0x81, b"")))
+        if sw in (SW_WRONG_P1P2, SW_REFERENCE_NOT_FOUND):
+            raise ElementFailure(f"the card has no AES-192 management key ({sw:04X})")
+        if sw != SW_OK:
+            raise CardStatus("GENERAL AUTHENTICATE (management key challenge)", sw)
+        challenge = _parse_tlv(_parse_tlv(body).get(0x7C, b"")).get(0x81)
+        if challenge is None or len(challenge) != 16:
+            raise ElementFailure("the card answered no 16-byte management key challenge")
+        # One AES block: ECB is what SP 800-73-4's challenge-response means.
+        encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        answer = encryptor.update(challenge) + encryptor.finalize()
+        _, sw = self._exchange(header, _tlv(0x7C, _tlv(0x82, answer)))
+        if sw == SW_SECURITY_STATUS:
+            raise ManagementKeyRefused()
+        if sw != SW_OK:
+            raise CardStatus("GENERAL AUTHENTICATE (management key response)", sw)
+
+    def _generate_pair(self, reference: int, algorithm: int
+                       ) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        """GENERATE ASYMMETRIC KEY PAIR; the new public key."""
+        body, sw = self._exchange(bytes([0x00, 0x47, 0x00, reference]),
+                                  _tlv(0xAC, _tlv(0x80, bytes([algorithm]))))
+        if sw in (SW_WRONG_P1P2, SW_REFERENCE_NOT_FOUND):
+            raise KeyRefused(f"the card has no key slot {reference:02X} to generate in "
+                             f"({sw:04X})")
+        if sw == SW_WRONG_DATA:
+            raise KeyRefused(f"the card does not generate algorithm {algorithm:02X} keys")
+        if sw != SW_OK:
+            raise CardStatus(f"GENERATE ASYMMETRIC KEY PAIR in {reference:02X}", sw)
+        public = _parse_tlv(_parse_tlv(body).get(0x7F49, b""))
+        try:
+            if algorithm == RSA_ALGORITHMS[2048]:
+                numbers = rsa.RSAPublicNumbers(int.from_bytes(public[0x82], "big"),
+                                               int.from_bytes(public[0x81], "big"))
+                rsa_key = numbers.public_key()
+                if rsa_key.key_size != 2048:
+                    raise ValueError(f"a {rsa_key.key_size}-bit modulus")
+                return rsa_key
+            return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public[0x86])
+        except (KeyError, ValueError) as exc:
+            raise ElementFailure(f"the card answered an unusable public key ({exc})") from None
+
+    def _put_certificate_object(self, slot: PivSlot, container: bytes) -> None:
+        tag = slot.certificate_tag
+        data = _tlv(0x5C, tag.to_bytes((tag.bit_length() + 7) // 8, "big")) \
+            + _tlv(0x53, container)
+        _, sw = self._exchange(bytes([0x00, 0xDB, 0x3F, 0xFF]), data)
+        if sw == SW_NOT_ENOUGH_MEMORY:
+            raise ElementFailure(f"the card has no room for the certificate of slot "
+                                 f"{slot.key_reference:02X}")
+        if sw != SW_OK:
+            raise CardStatus(f"PUT DATA {tag:X}", sw)
+
+    def _put_certificate(self, slot: PivSlot, der: bytes) -> None:
+        # 71 00: not compressed; FE: the error detection code, empty.
+        self._put_certificate_object(
+            slot, _tlv(0x70, der) + _tlv(0x71, b"\x00") + _tlv(0xFE, b""))
+
+    def _forget_certificate(self, slot: PivSlot) -> None:
+        """Best effort: empty the slot's certificate object, which no longer matches its
+        key (an empty object deletes it)."""
+        try:
+            self._put_certificate_object(slot, b"")
+        except ElementError as exc:
+            log.warning("slot %02X: the old certificate stays, not matching the new key (%s)",
+                        slot.key_reference, exc)
+
+    def _drop_administration(self) -> None:
+        """SELECT again: the card forgets the management key's authentication (and the PIN
+        VERIFY of generate_key); the PIN of a login is verified again."""
+        self._ready = False
+        try:
+            self._ensure_ready()
+        except ElementError as exc:
+            log.info("re-selecting the PIV application after key generation: %s", exc)
+
+
+def _padded_pin(pin: str) -> bytes:
+    """The PIN as VERIFY sends it: 6 to 8 digits, padded with FF to 8 bytes."""
+    encoded = pin.encode()
+    if not (6 <= len(encoded) <= 8 and encoded.isdigit()):
+        raise PinInvalid("a PIV PIN is 6 to 8 digits")
+    return encoded.ljust(8, b"\xff")
+
+
+def piv_slot(key_id: bytes) -> PivSlot:
+    """The slot a CKA_ID names: OpenSC's (01 -> 9A, 02 -> 9C, 03 -> 9D, 04 -> 9E) or the
+    key reference itself (9A, 9C, 9D, 9E); KeyRefused for anything else."""
+    for slot in SLOTS:
+        if key_id in (slot.object_id, bytes([slot.key_reference])):
+            return slot
+    known = ", ".join(f"{s.object_id.hex()} or {s.key_reference:02x}" for s in SLOTS)
+    raise KeyRefused(f"id {key_id.hex() or '(empty)'} names no PIV key slot (known: {known})")
+
+
+def self_signed_certificate(builder: x509.CertificateBuilder,
+                            public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+                            card_sign: Callable[[bytes], bytes]) -> x509.Certificate:
+    """`builder`'s certificate (its public key `public_key`), signed with SHA-256 by the
+    card's private half of that key, and verified with `public_key`.
+
+    `card_sign` is the card's private-key operation (GENERAL AUTHENTICATE): handed the
+    EMSA-PKCS1-v1_5 block of the TBS's SHA-256 it answers raw RSA; handed the hash itself,
+    a DER ECDSA signature. ElementFailure when the result does not verify.
+    """
+    rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+    # cryptography signs only with keys it holds: a throwaway key of the same type signs a
+    # draft, which fixes the TBS (its signature algorithm included); the card signs that.
+    stand_in: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if rsa_key:
+        stand_in = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    else:
+        stand_in = ec.generate_private_key(ec.SECP256R1())
+    tbs = builder.sign(stand_in, hashes.SHA256()).tbs_certificate_bytes
+    digest = hashlib.sha256(tbs).digest()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        size = public_key.key_size // 8
+        info = SHA256_DIGEST_INFO + digest
+        block = b"\x00\x01" + b"\xff" * (size - 3 - len(info)) + b"\x00" + info
+        signature = card_sign(block).rjust(size, b"\x00")
+        algorithm = der.SHA256_WITH_RSA
+    else:
+        # The card wants a hash of the curve's size; a shorter one is the same number.
+        signature = card_sign(digest.rjust((public_key.curve.key_size + 7) // 8, b"\x00"))
+        algorithm = der.ECDSA_WITH_SHA256
+    try:
+        certificate = x509.load_der_x509_certificate(der.signed(tbs, algorithm, signature))
+        if certificate.public_key() != public_key:
+            raise ValueError("the certificate holds another public key")
+        if isinstance(public_key, rsa.RSAPublicKey):
+            public_key.verify(certificate.signature, certificate.tbs_certificate_bytes,
+                              padding.PKCS1v15(), hashes.SHA256())
+        else:
+            public_key.verify(certificate.signature, certificate.tbs_certificate_bytes,
+                              ec.ECDSA(hashes.SHA256()))
+    except (ValueError, InvalidSignature) as exc:
+        raise ElementFailure("the card's signature on the new certificate does not verify "
+                             f"with the generated key ({exc or 'bad signature'})") from exc
+    return certificate
+
+
+def _keygen_certificate(subject: x509.Name, slot: PivSlot,
+                        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+                        ) -> x509.CertificateBuilder:
+    """The self-signed certificate that carries a generated key's public half."""
+    now = datetime.datetime.now(datetime.UTC)
+    rsa_key = isinstance(public_key, rsa.RSAPublicKey)
+    # Usage as the driver offers the key: 9C signs only; other RSA keys also decrypt,
+    # other EC keys also agree keys (the card does ECDH).
+    sign_only = slot.key_reference in SIGN_ONLY
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject).public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False,
+            key_encipherment=rsa_key and not sign_only, data_encipherment=False,
+            key_agreement=not rsa_key and not sign_only, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def _der_integer(value: int) -> bytes:

@@ -118,6 +118,28 @@ def add_se(arguments: argparse.Namespace) -> int:
 def keygen(arguments: argparse.Namespace) -> int:
     registry = _registry(arguments)
     record = registry.element(arguments.seid)
+    piv = record.driver == "piv"
+    management_key: bytes | None = None
+    # The management key is never printed: the messages say where it comes from, not what.
+    if piv:
+        text = arguments.management_key or os.environ.get("P11GRID_PIV_MANAGEMENT_KEY")
+        if not text:
+            print("p11grid grid keygen: a PIV card generates keys only after its management "
+                  "key (9B) is authenticated: give it with --management-key HEX or "
+                  "$P11GRID_PIV_MANAGEMENT_KEY", file=sys.stderr)
+            return 2
+        try:
+            management_key = bytes.fromhex(text)
+        except ValueError:
+            management_key = None
+        if management_key is None or len(management_key) != 24:
+            print("p11grid grid keygen: the PIV management key is 24 bytes (AES-192), "
+                  "48 hex digits", file=sys.stderr)
+            return 2
+    elif arguments.management_key:
+        print("p11grid grid keygen: --management-key is for piv elements only",
+              file=sys.stderr)
+        return 2
     element: Any = open_element(record.driver, dict(record.settings))
     if not hasattr(element, "generate_key"):
         raise RegistryError(f"the {record.driver} driver cannot generate keys")
@@ -125,12 +147,40 @@ def keygen(arguments: argparse.Namespace) -> int:
     if not pin:
         raise RegistryError("give the element's user PIN with --pin or $P11GRID_PIN")
     key_id = bytes.fromhex(arguments.id)
-    element.generate_key(pin, arguments.label, key_id, arguments.kind)
-    registry.add_key(KeyRecord(record.seid, arguments.label, key_id.hex(), arguments.kind))
-    element.close()
-    print(f"generated {arguments.kind} key {arguments.label} (id {key_id.hex()}) inside "
-          f"{record.seid}")
-    return 0
+    try:
+        if not piv:
+            element.generate_key(pin, arguments.label, key_id, arguments.kind)
+            registry.add_key(KeyRecord(record.seid, arguments.label, key_id.hex(),
+                                       arguments.kind))
+            print(f"generated {arguments.kind} key {arguments.label} (id {key_id.hex()}) "
+                  f"inside {record.seid}")
+            return 0
+        from grid_backend.elements.piv_card import piv_slot
+
+        slot = piv_slot(key_id)  # a bad id stops here, before the card
+        slot_name = f"{slot.key_reference:02x}"
+        object_id = slot.object_id.hex()  # the CKA_ID the card's objects carry
+        # The slot's entry under any spelling ("9C") gives way to the new one.
+        labels = {name: label for name, label in dict(record.settings.get("labels") or {})
+                  .items() if str(name).lower() != slot_name}
+        if arguments.label in labels.values() or any(
+                key.label == arguments.label and key.key_id != object_id
+                for key in registry.keys(record.seid)):
+            raise RegistryError(f"label {arguments.label!r} already names another key of "
+                                f"{record.seid}")
+        element.generate_key(pin, arguments.label, key_id, arguments.kind,
+                             management_key=management_key)
+        # The slot's label in the settings: the grid shows the key by it after a restart.
+        labels[slot_name] = arguments.label
+        registry.update_element(ElementRecord(record.seid, record.label, record.driver,
+                                              {**record.settings, "labels": labels}))
+        registry.remove_keys(record.seid, object_id)  # the slot's previous key is gone
+        registry.add_key(KeyRecord(record.seid, arguments.label, object_id, arguments.kind))
+        print(f"generated {arguments.kind} key {arguments.label} (id {object_id}, slot "
+              f"{slot_name}, self-signed certificate) inside {record.seid}")
+        return 0
+    finally:
+        element.close()
 
 
 def bind(arguments: argparse.Namespace) -> int:
@@ -210,6 +260,9 @@ def register(commands: Any) -> None:
     generate.add_argument("--kind", required=True, choices=("rsa2048", "rsa3072", "ec256",
                                                             "ec384"))
     generate.add_argument("--pin", help="the element's user PIN (default $P11GRID_PIN)")
+    generate.add_argument("--management-key", metavar="HEX",
+                          help="piv: the card management key (9B), AES-192 as 48 hex digits "
+                               "(default $P11GRID_PIV_MANAGEMENT_KEY)")
     generate.set_defaults(func=_guarded(keygen))
 
     binding = with_registry(actions.add_parser(

@@ -9,18 +9,20 @@ through GENERAL AUTHENTICATE for a self-signed one), PUT DATA the certificate.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from grid_backend.elements.piv_card import self_signed_certificate
+from grid_backend.secure_element import ElementError
 from grid_backend.virtual_piv import tlv
 from grid_backend.virtual_piv.applet import (
     ALG_AES_192,
@@ -40,8 +42,6 @@ from grid_backend.virtual_piv.applet import (
 from grid_backend.virtual_piv.state import DEFAULT_PIN_RETRIES, CardState
 
 KEY_KINDS = {"rsa2048": ALG_RSA_2048, "ec256": ALG_ECC_P256}
-# SHA-256 DigestInfo prefix (RFC 8017 9.2 note 1), for the EMSA-PKCS1-v1_5 block.
-SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 class IssueFailure(Exception):
@@ -121,18 +121,17 @@ def _generate(card: PivApplet, request: KeyRequest) -> rsa.RSAPublicKey | ec.Ell
     return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public[0x86])
 
 
-def _card_sign(card: PivApplet, pin: str, request: KeyRequest, message: bytes) -> bytes:
-    """Signature by the card's key in the slot: PKCS#1 v1.5 or ECDSA, both SHA-256."""
-    digest = hashlib.sha256(message).digest()
-    if request.algorithm == ALG_RSA_2048:
-        info = SHA256_DIGEST_INFO + digest
-        challenge = b"\x00\x01" + b"\xff" * (256 - 3 - len(info)) + b"\x00" + info
-    else:
-        challenge = digest
-    _verify_pin(card, pin)
-    template = tlv.tlv(0x7C, tlv.tlv(0x82, b"") + tlv.tlv(0x81, challenge))
-    answer = exchange(card, bytes([0x00, 0x87, request.algorithm, request.slot]), template)
-    return tlv.parse_map(tlv.parse_map(answer)[0x7C])[0x82]
+def _card_signer(card: PivApplet, pin: str, request: KeyRequest) -> Callable[[bytes], bytes]:
+    """The private-key operation of the card's key in the slot, for
+    self_signed_certificate: raw RSA on a block, or ECDSA on a hash."""
+
+    def sign(challenge: bytes) -> bytes:
+        _verify_pin(card, pin)
+        template = tlv.tlv(0x7C, tlv.tlv(0x82, b"") + tlv.tlv(0x81, challenge))
+        answer = exchange(card, bytes([0x00, 0x87, request.algorithm, request.slot]), template)
+        return tlv.parse_map(tlv.parse_map(answer)[0x7C])[0x82]
+
+    return sign
 
 
 def _certificate_builder(subject: x509.Name, issuer: x509.Name,
@@ -160,36 +159,6 @@ def _certificate_builder(subject: x509.Name, issuer: x509.Name,
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder
-
-
-def _self_signed(card: PivApplet, pin: str, request: KeyRequest,
-                 builder: x509.CertificateBuilder) -> x509.Certificate:
-    # cryptography signs only with keys it holds: let it sign with a stand-in key of the
-    # same type (fixing the TBS and signature algorithm), then swap in the card's signature.
-    stand_in: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if request.algorithm == ALG_RSA_2048:
-        stand_in = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    else:
-        stand_in = ec.generate_private_key(ec.SECP256R1())
-    draft = builder.sign(stand_in, hashes.SHA256())
-    (_, parts), = tlv.parse(draft.public_bytes(serialization.Encoding.DER))
-    (tbs_tag, tbs), (algorithm_tag, algorithm), _ = tlv.parse(parts)
-    signature = _card_sign(card, pin, request, tlv.tlv(tbs_tag, tbs))
-    der = tlv.tlv(0x30, tlv.tlv(tbs_tag, tbs) + tlv.tlv(algorithm_tag, algorithm)
-                  + tlv.tlv(0x03, b"\x00" + signature))
-    return x509.load_der_x509_certificate(der)
-
-
-def _verify_certificate(certificate: x509.Certificate,
-                        signer: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> None:
-    algorithm = certificate.signature_hash_algorithm
-    assert algorithm is not None
-    if isinstance(signer, rsa.RSAPublicKey):
-        signer.verify(certificate.signature, certificate.tbs_certificate_bytes,
-                      padding.PKCS1v15(), algorithm)
-    else:
-        signer.verify(certificate.signature, certificate.tbs_certificate_bytes,
-                      ec.ECDSA(algorithm))
 
 
 def _issuance_objects() -> dict[int, bytes]:
@@ -245,13 +214,15 @@ def initialize_card(directory: Path, pin: str, requests: list[KeyRequest], subje
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
                 critical=False)
             certificate = builder.sign(issuer_key, hashes.SHA256())
-            signer = issuer_key.public_key()
         else:
             builder = _certificate_builder(subject_name, subject_name, public_key, days,
                                            dns_names or [], ip_addresses or [])
-            certificate = _self_signed(card, pin, request, builder)
-            signer = public_key
-        _verify_certificate(certificate, signer)  # a card that signs wrongly stops here
+            try:
+                # Verified there: a card that signs wrongly stops here.
+                certificate = self_signed_certificate(builder, public_key,
+                                                      _card_signer(card, pin, request))
+            except ElementError as exc:
+                raise IssueFailure(str(exc)) from exc
         der = certificate.public_bytes(serialization.Encoding.DER)
         container = tlv.tlv(0x70, der) + tlv.tlv(0x71, b"\x00") + tlv.tlv(0xFE, b"")
         tag = CERTIFICATE_TAGS[request.slot]
