@@ -9,6 +9,7 @@ from pathlib import Path
 
 from grid_backend.racs import cli as racs_cli
 from grid_backend.service import cli as grid_cli
+from idm import cli as idm_cli
 from p11grid import paths, sandbox
 
 
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sandbox_parser.set_defaults(func=_sandbox)
     grid_cli.register(commands)
+    idm_cli.register(commands)
+    idm_cli.register_tokens(commands)
     racs_cli.register(commands)
     return parser
 
