@@ -48,6 +48,17 @@ class SessionUnknown(ElementError):
     """
 
 
+class IdentityRefused(ElementRefused):
+    """The grid refused the caller's identity tokens; the message names the failed check."""
+
+
+class AuthorizationNeeded(SessionUnknown):
+    """No valid authorization for this element (none yet, or it expired with its tokens).
+
+    Nothing was done: the client presents fresh identity tokens and repeats the request.
+    """
+
+
 class DeadlineExceeded(ElementFailure):
     """The reply did not come within the request's deadline."""
 
@@ -67,7 +78,9 @@ FAILURE_KINDS: Final[dict[str, type[ElementError]]] = {
     "input": InputRefused,
     "key": KeyRefused,
     "refused": ElementRefused,
+    "identity": IdentityRefused,
     "session-unknown": SessionUnknown,
+    "authorization-needed": AuthorizationNeeded,
     "deadline": DeadlineExceeded,
     "protocol": ProtocolViolation,
 }

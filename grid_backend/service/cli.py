@@ -16,6 +16,7 @@ from typing import Any
 from grid_backend.elements import DRIVERS, open_element
 from grid_backend.registry import ElementRecord, KeyRecord, RegistryError, SqliteRegistry
 from grid_backend.secure_element import ElementError
+from idm.chain import ChainRefused
 
 DEFAULT_REGISTRY = "/var/lib/p11grid/registry.sqlite"
 log = logging.getLogger("p11grid.grid")
@@ -33,6 +34,30 @@ def _handler(path: Path | None) -> logging.Handler:
     if os.path.exists("/dev/log"):
         return logging.handlers.SysLogHandler(address="/dev/log")
     return logging.StreamHandler(sys.stderr)
+
+
+def _relying_party(config: Any) -> Any:
+    """The identity checks of `[identity]`, or None (and a warning) without that table."""
+    if config.identity is None:
+        log.warning("no [identity] table in %s: sessions open without identity tokens",
+                    config.path)
+        return None
+    import datetime
+
+    from idm.chain import TrustAnchor
+    from idm.identity import Identity
+    from idm.relying_party import RelyingParty
+
+    settings = config.identity
+    ca_dir = settings.ca_dir
+
+    def anchor() -> TrustAnchor:
+        return TrustAnchor.load(ca_dir / "ca.pem", ca_dir / "crl.pem")
+
+    anchor()  # fail at start, not at the first caller, if the CA files are missing
+    return RelyingParty(anchor, Identity.parse(settings.sp), settings.idp_issuer,
+                        settings.idp_jwks,
+                        datetime.timedelta(seconds=settings.max_token_lifetime))
 
 
 def serve(arguments: argparse.Namespace) -> int:
@@ -58,9 +83,9 @@ def serve(arguments: argparse.Namespace) -> int:
     audit_logger.addHandler(audit_handler)
     try:
         registry = SqliteRegistry(config.registry)
-        server = GridServer(config, GridService(registry))
+        server = GridServer(config, GridService(registry, relying_party=_relying_party(config)))
         server.start()
-    except (RegistryError, OSError) as exc:
+    except (RegistryError, OSError, ValueError, ChainRefused) as exc:
         print(f"p11grid grid serve: cannot start: {exc}", file=sys.stderr)
         return 1
     racs = None

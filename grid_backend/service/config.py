@@ -12,6 +12,13 @@
     max_connections = 256
     idle_timeout = 600                       # seconds a quiet connection is kept
 
+    [identity]                               # optional: the three-element check (issue 4)
+    sp = "spiffe://example.org/sp/grid"      # this SP: the audience tokens must name
+    ca_dir = "/var/lib/p11grid/ca"           # the IAM root CA (ca.pem, crl.pem)
+    idp_issuer = "https://127.0.0.1:8443"    # the OpenID provider access tokens come from
+    idp_jwks = "/etc/p11grid/idp-jwks.json"  # its signing keys (a JWKS file)
+    max_token_lifetime = 86400               # seconds; longer VM/APP tokens are refused
+
     [racs]                                   # optional: the RACS server of the grid
     listen = "127.0.0.1:7777"
     certificate = ".../racs.pem"
@@ -63,6 +70,15 @@ class RacsSettings:
 
 
 @dataclass(frozen=True)
+class IdentitySettings:
+    sp: str
+    ca_dir: Path
+    idp_issuer: str
+    idp_jwks: Path
+    max_token_lifetime: float
+
+
+@dataclass(frozen=True)
 class GridConfig:
     path: Path
     listen: Endpoint
@@ -74,6 +90,7 @@ class GridConfig:
     max_connections: int
     idle_timeout: float
     racs: RacsSettings | None
+    identity: IdentitySettings | None = None
 
 
 def _path(table: dict[str, Any], key: str, where: str, required: bool = True) -> Path | None:
@@ -97,7 +114,7 @@ def load(path: Path) -> GridConfig:
         raise GridConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise GridConfigError(f"{path}: not valid TOML: {exc}") from exc
-    unknown = set(data) - {"grid", "racs"}
+    unknown = set(data) - {"grid", "racs", "identity"}
     if unknown:
         raise GridConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     grid = data.get("grid")
@@ -130,4 +147,28 @@ def load(path: Path) -> GridConfig:
         max_connections=max_connections,
         idle_timeout=float(idle_timeout),
         racs=racs,
+        identity=_identity(data["identity"], f"{path} [identity]") if "identity" in data
+        else None,
     )
+
+
+def _identity(table: Any, where: str) -> IdentitySettings:
+    if not isinstance(table, dict):
+        raise GridConfigError(f"{where} must be a table")
+    known = {"sp", "ca_dir", "idp_issuer", "idp_jwks", "max_token_lifetime"}
+    if set(table) - known:
+        raise GridConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(table) - known))}")
+    sp = table.get("sp")
+    if not isinstance(sp, str) or not sp.startswith("spiffe://"):
+        raise GridConfigError(f"{where}: sp must be this SP's spiffe:// identity")
+    issuer = table.get("idp_issuer")
+    if not isinstance(issuer, str) or not issuer.startswith("https://"):
+        raise GridConfigError(f"{where}: idp_issuer must be the OpenID provider's https URL")
+    lifetime = table.get("max_token_lifetime", 86400)
+    if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+        raise GridConfigError(f"{where}: max_token_lifetime must be a positive number of "
+                              "seconds")
+    return IdentitySettings(sp=sp, ca_dir=_path(table, "ca_dir", where),  # type: ignore[arg-type]
+                            idp_issuer=issuer,
+                            idp_jwks=_path(table, "idp_jwks", where),  # type: ignore[arg-type]
+                            max_token_lifetime=float(lifetime))

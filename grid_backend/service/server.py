@@ -14,23 +14,29 @@ import json
 import logging
 import os
 import queue
+import secrets
 import selectors
 import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from grid_backend.elements import open_element
 from grid_backend.openssl_errors import clear_thread_errors
 from grid_backend.protocol import (
     VERSION,
+    AuthorizationNeeded,
     DeadlineExceeded,
     ElementRefused,
+    IdentityRefused,
     ProtocolViolation,
     decode,
     encode,
@@ -48,6 +54,7 @@ from grid_backend.secure_element import (
 )
 from grid_backend.service.config import GridConfig
 from grid_backend.service.hosting import HostedElement, check_pin_shape
+from idm.relying_party import AuthorizationRefused, RelyingParty
 
 log = logging.getLogger("p11grid.grid")
 audit = logging.getLogger("p11grid.audit")
@@ -81,9 +88,14 @@ class GridService:
     """The operations of the protocol, independent of sockets (tested directly too)."""
 
     def __init__(self, registry: Registry,
-                 element_factory: Callable[[str, dict[str, Any]], Any] = open_element) -> None:
+                 element_factory: Callable[[str, dict[str, Any]], Any] = open_element,
+                 relying_party: RelyingParty | None = None) -> None:
         self.registry = registry
         self._factory = element_factory
+        # With a relying party, every element request needs an authorization that a
+        # caller gets by presenting its identity tokens (op_authorize).
+        self.relying_party = relying_party
+        self._authorizations: OrderedDict[str, _Authorized] = OrderedDict()
         self._hosted: dict[str, HostedElement] = {}
         self._lock = threading.Lock()
         self._operations: dict[str, Callable[[Caller, dict[str, Any]], dict[str, Any]]] = {
@@ -122,10 +134,51 @@ class GridService:
         return method(caller, arguments)
 
     def _element(self, caller: Caller, arguments: dict[str, Any]) -> HostedElement:
+        seid = self._allowed_seid(caller, arguments)
+        if self.relying_party is not None:
+            self._check_authorization(caller, seid, arguments.get("authorization"))
+        return self.hosted(seid)
+
+    def _allowed_seid(self, caller: Caller, arguments: dict[str, Any]) -> str:
         seid = arguments.get("seid")
         if not isinstance(seid, str) or seid not in caller.allowed(self.registry):
             raise ElementRefused(f"element {seid!r} is not bound to {caller.identity}")
-        return self.hosted(seid)
+        return seid
+
+    def _check_authorization(self, caller: Caller, seid: str, handle: object) -> None:
+        granted = self._authorizations.get(handle) if isinstance(handle, str) else None
+        if granted is None or granted.identity != caller.identity or granted.seid != seid:
+            raise AuthorizationNeeded(f"element {seid}: present the identity tokens first "
+                                      "(authorize)")
+        if time.time() >= granted.expires:
+            self._authorizations.pop(str(handle), None)
+            raise AuthorizationNeeded(f"element {seid}: the authorization ended with its "
+                                      "tokens; authorize again with fresh ones")
+
+    def op_authorize(self, caller: Caller, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The three elements (DESIGN.md section 3) for one element: access token, the
+        caller's certificate, and its VM-/APP-Auth-Token; an authorization handle back."""
+        seid = self._allowed_seid(caller, arguments)
+        party = self.relying_party
+        if party is None:
+            return {"authorization": "", "expires": 0}  # nothing to check: not enforced
+        if caller.certificate is None:
+            raise IdentityRefused("the caller presented no certificate")
+        try:
+            granted = party.authorize(
+                caller.certificate, arguments.get("access_token"), arguments.get("vm_token"),
+                bound=lambda subject: seid in self.registry.allowed([subject.uri]),
+                app_token=arguments.get("app_token"))
+        except AuthorizationRefused as exc:
+            raise IdentityRefused(str(exc)) from None
+        handle = secrets.token_hex(16)
+        with self._lock:
+            self._authorizations[handle] = _Authorized(caller.identity, seid,
+                                                       granted.expires.timestamp())
+            while len(self._authorizations) > MAX_AUTHORIZATIONS:
+                self._authorizations.popitem(last=False)
+        return {"authorization": handle, "expires": int(granted.expires.timestamp()),
+                "subject": granted.subject.uri, "actors": [a.uri for a in granted.actors]}
 
     def op_hello(self, caller: Caller, arguments: dict[str, Any]) -> dict[str, Any]:
         return {"version": VERSION, "identity": caller.identity}
@@ -181,12 +234,21 @@ class GridService:
         return element.key_label(ref) if element is not None else ""
 
 
+@dataclass(frozen=True)
+class _Authorized:
+    identity: str
+    seid: str
+    expires: float  # epoch seconds: the first of the caller's tokens to expire
+
+
 class Caller:
     """Who is on the other end of a connection, and what the registry lets them use."""
 
-    def __init__(self, identities: list[str]) -> None:
+    def __init__(self, identities: list[str],
+                 certificate: x509.Certificate | None = None) -> None:
         self.identities = identities
         self.identity = identities[0] if identities else "?"
+        self.certificate = certificate  # the TLS client certificate, for cnf checks
         self._allowed: set[str] = set()
         self._checked = 0.0
 
@@ -198,7 +260,8 @@ class Caller:
         return self._allowed
 
 
-AUDITED = {"login", "logout", "sign", "decrypt", "random"}
+AUDITED = {"authorize", "login", "logout", "sign", "decrypt", "random"}
+MAX_AUTHORIZATIONS = 4096
 _quoted = functools.lru_cache(maxsize=4096)(json.dumps)  # the same few names, every line
 TIMED = {"sign", "decrypt", "random"}  # answered by the reactor itself once proven quick
 QUICK_CALL = 0.0003  # s: element calls faster than this (smoothed) skip the worker pool
@@ -434,7 +497,9 @@ class GridServer:
             raw.settimeout(HANDSHAKE_TIMEOUT)
             clear_thread_errors()
             tls = self._context.wrap_socket(raw, server_side=True)
-            caller = Caller(identities_of(tls.getpeercert() or {}))
+            der = tls.getpeercert(binary_form=True)
+            caller = Caller(identities_of(tls.getpeercert() or {}),
+                            x509.load_der_x509_certificate(der) if der else None)
             tls.settimeout(0.0)
         except (ssl.SSLError, OSError) as exc:
             log.info("TLS handshake with %s failed: %s", address, exc)
