@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import threading
@@ -33,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from idm.pkcs11_uri import Pkcs11Uri
+
+log = logging.getLogger("p11grid.identity")
 
 # python-pkcs11's objects are typed Any here: importing its types would load it.
 
@@ -101,11 +104,30 @@ _libraries: dict[str, Any] = {}
 _libraries_lock = threading.Lock()
 
 
+_pid = os.getpid()
+
+
+def _start_over_after_fork() -> None:
+    """In a forked child the parent's logins and sessions are not ours, and PKCS#11 wants
+    C_Initialize again (SoftHSM2 allows it with `library.reset_on_fork = true`)."""
+    global _pid
+    if _pid == os.getpid():
+        return
+    _pid = os.getpid()
+    _logins.clear()
+    for library in _libraries.values():
+        try:
+            library.reinitialize()
+        except Exception as exc:  # the next use reports what the library says
+            log.info("re-initializing %s after fork: %s", library, exc)
+
+
 def _library(module: Path, environment: dict[str, str] | None) -> Any:
     """The loaded library for `module`, loading it (after setting `environment` in
     os.environ) the first time."""
     key = str(module)
     with _libraries_lock:
+        _start_over_after_fork()
         loaded = _libraries.get(key)
         if loaded is not None and loaded.initialized:
             for name, value in (environment or {}).items():

@@ -10,6 +10,7 @@ from pathlib import Path
 from grid_backend.racs import cli as racs_cli
 from grid_backend.service import cli as grid_cli
 from idm import cli as idm_cli
+from idm import idp_cli
 from p11grid import paths, sandbox
 
 
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     grid_cli.register(commands)
     idm_cli.register(commands)
     idm_cli.register_tokens(commands)
+    idp_cli.register(commands)
     racs_cli.register(commands)
     return parser
 

@@ -49,6 +49,25 @@ class GridConfig:
 
 
 @dataclass(frozen=True)
+class IdentityConfig:
+    """backend = "grid" with `[identity]`: the tokens presented before a session opens
+    (idm/gate.py). Paths are absolute; one of vm_token / vm, one of hv_key / hv_key_file."""
+
+    audience: str
+    ca: str
+    idp: str
+    hv_certificate: str
+    crl: str | None = None
+    vm_token: str | None = None
+    vm: str | None = None
+    hv_key: str | None = None
+    hv_module: str | None = None
+    hv_environment: dict[str, str] = field(default_factory=dict)
+    hv_key_file: str | None = None
+    max_token_lifetime: float = 86400.0
+
+
+@dataclass(frozen=True)
 class ModuleConfig:
     path: Path
     backend: str
@@ -56,6 +75,7 @@ class ModuleConfig:
     log_level: str
     secure_elements: tuple[SecureElementConfig, ...]
     grid: GridConfig | None = None
+    identity: IdentityConfig | None = None
 
 
 def config_path() -> Path:
@@ -137,7 +157,7 @@ def parse(text: str, path: Path) -> ModuleConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     where = str(path)
-    _no_unknown(data, {"module", "secure_element", "grid"}, where)
+    _no_unknown(data, {"module", "secure_element", "grid", "identity"}, where)
     module = _table(data, "module", where)
     _no_unknown(module, {"backend", "log_file", "log_level"}, f"{where} [module]")
     backend = _string(module, "backend", f"{where} [module]", "local")
@@ -159,11 +179,14 @@ def parse(text: str, path: Path) -> ModuleConfig:
     grid = _grid(data, f"{where} [grid]") if backend == "grid" else None
     if backend != "grid" and "grid" in data:
         raise ConfigError(f"{where}: a [grid] table needs backend = \"grid\"")
+    if backend != "grid" and "identity" in data:
+        raise ConfigError(f"{where}: an [identity] table needs backend = \"grid\"")
+    identity = _identity(data, f"{where} [identity]") if "identity" in data else None
     labels = [e.label for e in parsed]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}: secure_element labels must be unique")
     return ModuleConfig(path=path, backend=backend, log_file=log_file, log_level=log_level,
-                        secure_elements=parsed, grid=grid)
+                        secure_elements=parsed, grid=grid, identity=identity)
 
 
 def _grid(data: dict[str, Any], where: str) -> GridConfig:
@@ -192,6 +215,51 @@ def _grid(data: dict[str, Any], where: str) -> GridConfig:
         raise ConfigError(f"{where}: spin_us must be an integer of microseconds in [0, 5000]")
     return GridConfig(endpoints=tuple(parsed), timeout=float(timeout), spin_us=spin_us,
                       **files)
+
+
+def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
+    table = _table(data, "identity", where)
+    _no_unknown(table, {"audience", "ca", "crl", "idp", "hv_certificate", "vm_token", "vm",
+                        "hv_key", "hv_module", "hv_environment", "hv_key_file",
+                        "max_token_lifetime"}, where)
+    paths: dict[str, str | None] = {}
+    for key in ("ca", "hv_certificate", "crl", "vm_token", "hv_module", "hv_key_file"):
+        value = table.get(key)
+        if value is None and key not in ("ca", "hv_certificate"):
+            paths[key] = None
+            continue
+        if not isinstance(value, str) or not os.path.isabs(value):
+            raise ConfigError(f"{where}: {key} must be an absolute path")
+        paths[key] = value
+    audience = _string(table, "audience", where)
+    idp = _string(table, "idp", where)
+    if not audience.startswith("spiffe://"):
+        raise ConfigError(f"{where}: audience must be the grid SP's spiffe:// identity")
+    if not idp.startswith("https://"):
+        raise ConfigError(f"{where}: idp must be the OpenID provider's https:// issuer URL")
+    vm = table.get("vm")
+    if (paths["vm_token"] is None) == (vm is None):
+        raise ConfigError(f"{where}: give vm_token (a VM-Auth-Token file: Option 2) or vm "
+                          "(this VM's identity: the OpenID provider hands the token out)")
+    hv_key = table.get("hv_key")
+    if (hv_key is None) == (paths["hv_key_file"] is None):
+        raise ConfigError(f"{where}: give hv_key (PKCS#11 URI: private_key_jwt) or "
+                          "hv_key_file (tls_client_auth)")
+    if hv_key is not None and paths["hv_module"] is None:
+        raise ConfigError(f"{where}: hv_key needs hv_module (the PKCS#11 library holding it)")
+    environment = _table(table, "hv_environment", where)
+    if not all(isinstance(v, str) for v in environment.values()):
+        raise ConfigError(f"{where}: hv_environment values must be strings")
+    lifetime = table.get("max_token_lifetime", 86400)
+    if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or lifetime <= 0:
+        raise ConfigError(f"{where}: max_token_lifetime must be a positive number of seconds")
+    return IdentityConfig(
+        audience=audience, ca=str(paths["ca"]), idp=idp,
+        hv_certificate=str(paths["hv_certificate"]), crl=paths["crl"],
+        vm_token=paths["vm_token"], vm=str(vm) if vm is not None else None,
+        hv_key=str(hv_key) if hv_key is not None else None, hv_module=paths["hv_module"],
+        hv_environment=dict(environment), hv_key_file=paths["hv_key_file"],
+        max_token_lifetime=float(lifetime))
 
 
 def load() -> ModuleConfig:

@@ -21,7 +21,7 @@ from grid_backend.client import GridPool, GridSettings, RemoteElement
 from grid_backend.secure_element import ElementError, SecureElement
 from provider import config as config_module
 from provider import logs
-from provider.config import ModuleConfig, SecureElementConfig
+from provider.config import IdentityConfig, ModuleConfig, SecureElementConfig
 from provider.constants import (
     CKF_DECRYPT,
     CKF_DIGEST,
@@ -81,6 +81,36 @@ class Backend:
     discover: Callable[[], list[SecureElementConfig]] | None = None
 
 
+def _authorizer(identity: IdentityConfig, certificate: str) -> Callable[[], dict[str, str]]:
+    """The identity gate's tokens, the gate built at first use: nothing of idm (nor
+    cryptography) is imported in C_Initialize, which OpenSSL calls while loading its own
+    configuration."""
+    gates: list[Any] = []
+    lock = threading.Lock()
+
+    def credentials() -> dict[str, str]:
+        with lock:
+            if not gates:
+                import datetime
+
+                from idm.gate import GateSettings, IdentityGate
+
+                optional = lambda value: Path(value) if value else None  # noqa: E731
+                gates.append(IdentityGate(GateSettings(
+                    audience=identity.audience, ca=Path(identity.ca),
+                    crl=optional(identity.crl), certificate=Path(certificate),
+                    idp=identity.idp, hv_certificate=Path(identity.hv_certificate),
+                    vm_token=optional(identity.vm_token), vm=identity.vm,
+                    hv_key=identity.hv_key, hv_module=optional(identity.hv_module),
+                    hv_environment=dict(identity.hv_environment),
+                    hv_key_file=optional(identity.hv_key_file),
+                    max_token_lifetime=datetime.timedelta(
+                        seconds=identity.max_token_lifetime))))
+        return dict(gates[0].credentials())
+
+    return credentials
+
+
 def backend_for(config: ModuleConfig) -> Backend:
     if config.backend != "grid":
         return Backend(local_element)
@@ -90,8 +120,11 @@ def backend_for(config: ModuleConfig) -> Backend:
                                  certificate=Path(grid.certificate), key=Path(grid.key),
                                  timeout=grid.timeout, spin=grid.spin_us / 1e6))
 
+    authorizer = _authorizer(config.identity, grid.certificate) \
+        if config.identity is not None else None
+
     def open_element(element: SecureElementConfig) -> SecureElement:
-        return RemoteElement(pool, element.seid or element.label)
+        return RemoteElement(pool, element.seid or element.label, authorizer)
 
     if config.secure_elements:
         return Backend(open_element)

@@ -57,10 +57,37 @@ FAILURES: tuple[tuple[type[BaseException], CKR, bool], ...] = (
 )
 
 
+# The identity gate's failures (idm/), imported only when one happens: C_Initialize must
+# not import idm (it pulls in cryptography) while OpenSSL loads its configuration.
+IDENTITY_FAILURES: tuple[tuple[str, str, CKR], ...] = (
+    # The module's own check of its VM-Auth-Token, the provider's refusal, the HV key:
+    # "this token is not for you" to the application, the reason in the log.
+    ("idm.gate", "GateRefused", CKR.TOKEN_NOT_RECOGNIZED),
+    ("idm.idp_client", "IdpUnreachable", CKR.DEVICE_ERROR),
+    ("idm.idp_client", "IdpClientError", CKR.TOKEN_NOT_RECOGNIZED),
+    ("idm.pkcs11_signer", "SignerError", CKR.TOKEN_NOT_RECOGNIZED),
+    ("idm.pkcs11_uri", "UriError", CKR.TOKEN_NOT_RECOGNIZED),
+)
+
+
+def _identity_failure(failure: BaseException) -> CKR | None:
+    if not type(failure).__module__.startswith("idm."):
+        return None
+    import importlib
+
+    for module, name, rv in IDENTITY_FAILURES:
+        if isinstance(failure, getattr(importlib.import_module(module), name)):
+            return rv
+    return None
+
+
 def classify(failure: BaseException) -> tuple[CKR, str, bool]:
     """CK_RV, a loggable reason and whether the failure was expected."""
     if isinstance(failure, CKRError):
         return failure.rv, failure.reason, True
+    identity_rv = _identity_failure(failure)
+    if identity_rv is not None:
+        return identity_rv, f"{type(failure).__name__}: {failure}", True
     for kind, rv, expected in FAILURES:
         if isinstance(failure, kind):
             text = str(failure)

@@ -98,3 +98,44 @@ def test_grid_spin_must_be_bounded_microseconds(value: str) -> None:
         parse(GRID.replace('key = "/etc/p11grid/vm.key"',
                            f'key = "/etc/p11grid/vm.key"\nspin_us = {value}'), Path("/x.toml"))
     assert "spin_us must be an integer of microseconds in [0, 5000]" in str(error.value)
+
+
+IDENTITY = GRID + """
+[identity]
+audience = "spiffe://p11grid.test/sp/grid"
+ca = "/etc/p11grid/iam-ca.pem"
+idp = "https://127.0.0.1:8443"
+hv_certificate = "/etc/p11grid/hv.pem"
+vm_token = "/etc/p11grid/vm-token.jwt"
+hv_key = "pkcs11:token=hv-se;object=hv-key"
+hv_module = "/usr/lib/softhsm/libsofthsm2.so"
+"""
+
+
+def test_identity_table() -> None:
+    config = parse(IDENTITY, Path("/x.toml"))
+    assert config.identity is not None
+    assert (config.identity.vm_token, config.identity.vm) == ("/etc/p11grid/vm-token.jwt", None)
+    assert config.identity.max_token_lifetime == 86400.0
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (('vm_token = "/etc/p11grid/vm-token.jwt"', ""), "give vm_token"),
+    (('vm_token = "/etc/p11grid/vm-token.jwt"',
+      'vm_token = "/etc/p11grid/vm-token.jwt"\nvm = "spiffe://p11grid.test/vm/vm-1"'),
+     "give vm_token"),
+    (('hv_module = "/usr/lib/softhsm/libsofthsm2.so"', ""), "hv_key needs hv_module"),
+    (('idp = "https://127.0.0.1:8443"', 'idp = "http://127.0.0.1:8443"'), "https://"),
+    (('audience = "spiffe://p11grid.test/sp/grid"', 'audience = "grid"'), "spiffe://"),
+    (('ca = "/etc/p11grid/iam-ca.pem"', 'ca = "iam-ca.pem"'), "ca must be an absolute path"),
+    (('hv_module', 'hv_modul'), "unknown key(s) hv_modul"),
+])
+def test_identity_mistakes_are_named(change: tuple[str, str], says: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(IDENTITY.replace(*change), Path("/x.toml"))
+    assert says in str(error.value)
+
+
+def test_identity_needs_the_grid_backend() -> None:
+    with pytest.raises(ConfigError, match="needs backend"):
+        parse(GOOD + IDENTITY[IDENTITY.index("[identity]"):], Path("/x.toml"))

@@ -5,15 +5,22 @@ here afterwards: C_FindObjects, C_GetAttributeValue and length queries cost no r
 trip. The PIN stays in this process's memory after login so that, when the grid has lost
 the session (it restarted), the element logs in again by itself and the operation that
 found the session gone (which the grid refused before touching the element) is repeated.
+
+With an `authorizer` (the identity gate, idm/gate.py) every request carries the
+authorization the grid gave for this element's tokens: obtained before the first request
+(so before the first session opens), renewed shortly before it ends, and obtained again
+(then the request repeated once) when the grid says it is missing or over.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from grid_backend.client.pool import GridPool
-from grid_backend.protocol import SessionUnknown
+from grid_backend.protocol import AuthorizationNeeded, SessionUnknown
 from grid_backend.secure_element import (
     ElementAbsent,
     ElementInfo,
@@ -38,10 +45,18 @@ def _parameters(parameters: MechanismParameters) -> Any:
     return None
 
 
+RENEW_MARGIN = 30.0  # seconds before an authorization ends that a new one is fetched
+
+
 class RemoteElement:
-    def __init__(self, pool: GridPool, seid: str) -> None:
+    def __init__(self, pool: GridPool, seid: str,
+                 authorizer: Callable[[], dict[str, str]] | None = None) -> None:
         self.pool = pool
         self.seid = seid
+        self._authorizer = authorizer
+        self._authorization: str | None = None
+        self._authorized_until = 0.0
+        self._authorizing = threading.Lock()
         self._public: list[ElementObject] | None = None
         self._private: list[ElementObject] = []
         self._mechanisms: frozenset[int] = frozenset()
@@ -49,21 +64,53 @@ class RemoteElement:
         self._pin: str | None = None
         self._lock = threading.Lock()
 
+    def _authorize(self) -> str:
+        assert self._authorizer is not None
+        tokens = self._authorizer()
+        reply = self.pool.call("authorize", {"seid": self.seid, **tokens}, idempotent=False)
+        self._authorization = str(reply["authorization"])
+        self._authorized_until = float(reply.get("expires", 0))
+        return self._authorization
+
+    def _call(self, operation: str, arguments: dict[str, Any], *, idempotent: bool,
+              timeout: float | None = None) -> dict[str, Any]:
+        """A request on this element, with its authorization when the grid wants one."""
+        for attempt in (1, 2):
+            handle = None
+            if self._authorizer is not None:
+                with self._authorizing:
+                    handle = self._authorization
+                    if handle is None or time.time() > self._authorized_until - RENEW_MARGIN:
+                        handle = self._authorize()
+                arguments = {**arguments, "authorization": handle}
+            try:
+                return self.pool.call(operation, {"seid": self.seid, **arguments},
+                                      idempotent=idempotent, timeout=timeout)
+            except AuthorizationNeeded:
+                # Refused before the element was asked: new tokens, then once more.
+                if attempt == 2 or self._authorizer is None:
+                    raise
+                with self._authorizing:
+                    if self._authorization == handle:
+                        self._authorization = None
+        raise AssertionError("unreachable")
+
     def open(self) -> None:
         if self._public is not None:
             return
-        reply = self.pool.call("objects", {"seid": self.seid}, idempotent=True)
+        reply = self._call("objects", {}, idempotent=True)
         self._mechanisms = frozenset(int(m) for m in reply.get("mechanisms", ()))
         self._public = _objects(reply.get("objects", ()))
 
     def close(self) -> None:
         if self._session is not None:
             try:
-                self.pool.call("logout", {"seid": self.seid, "session": self._session},
-                               idempotent=True, timeout=1.0)
+                self._call("logout", {"session": self._session}, idempotent=True,
+                           timeout=1.0)
             except Exception:  # closing must not fail; the grid forgets it at restart
                 pass
         self._session, self._pin, self._public = None, None, None
+        self._authorization = None
 
     def info(self) -> ElementInfo:
         return ElementInfo(manufacturer="p11grid", model="grid element", serial=self.seid)
@@ -78,7 +125,7 @@ class RemoteElement:
 
     def _login(self, pin: str) -> None:
         # Not idempotent: a wrong PIN sent twice counts twice at the element.
-        reply = self.pool.call("login", {"seid": self.seid, "pin": pin}, idempotent=False)
+        reply = self._call("login", {"pin": pin}, idempotent=False)
         self._session = str(reply["session"])
         self._private = _objects(reply.get("objects", ()))
 
@@ -92,7 +139,7 @@ class RemoteElement:
             session, self._session, self._pin = self._session, None, None
             self._private = []
         if session is not None:
-            self.pool.call("logout", {"seid": self.seid, "session": session}, idempotent=True)
+            self._call("logout", {"session": session}, idempotent=True)
 
     def private_objects(self) -> list[ElementObject]:
         if self._session is None:
@@ -106,11 +153,12 @@ class RemoteElement:
             if session is None:
                 raise NotLoggedIn("log in first")
             try:
-                reply = self.pool.call(operation, {
-                    "seid": self.seid, "session": session, "ref": key.ref,
-                    "mechanism": mechanism, "parameters": _parameters(parameters),
-                    "data": data}, idempotent=False)
+                reply = self._call(operation, {
+                    "session": session, "ref": key.ref, "mechanism": mechanism,
+                    "parameters": _parameters(parameters), "data": data}, idempotent=False)
                 return bytes(reply["result"])
+            except AuthorizationNeeded:
+                raise  # _call already presented fresh tokens once
             except SessionUnknown:
                 # The grid refused before asking the element: log in again, repeat once.
                 with self._lock:
@@ -129,5 +177,5 @@ class RemoteElement:
         return self._operate("decrypt", key, mechanism, parameters, data)
 
     def random(self, length: int) -> bytes:
-        reply = self.pool.call("random", {"seid": self.seid, "length": length}, idempotent=True)
+        reply = self._call("random", {"length": length}, idempotent=True)
         return bytes(reply["result"])

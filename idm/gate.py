@@ -1,0 +1,180 @@
+"""The identity gate of the PKCS#11 module: the tokens it presents before a session on a
+grid element opens (DESIGN.md section 3).
+
+For each authorization the grid asks for, the gate
+1. takes the VM-Auth-Token: Option 2, a file given to the VM at transfer (read again each
+   time, so a replaced file takes effect at the next session); Option 1, handed out by the
+   OpenID provider, which the platform administrator recorded it with;
+2. verifies it here first (chain to the IAM root, signature, audience, lifetime, expiry,
+   `cnf` = this VM's certificate, signed by the configured hypervisor), so that a bad token
+   is refused with a precise reason before anything leaves the VM;
+3. authenticates to the OpenID provider with the hypervisor's key (private_key_jwt signed
+   inside its secure element, or tls_client_auth) and exchanges the VM token for an access
+   token for the grid SP. An access token opens one authorization at the grid, so each
+   call gets a fresh one.
+After a fork the child starts over: the parent's signer and connections are not touched.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from idm.chain import TrustAnchor
+from idm.identity import Identity, identity_of
+from idm.tokens import DEFAULT_MAX_LIFETIME, Expectations, TokenReport, verify_token
+
+log = logging.getLogger("p11grid.identity")
+
+# What an operator should do when the module refuses its own VM-Auth-Token, by check.
+FIXES = {
+    "format": "the file does not hold a VM-Auth-Token (a compact JWS)",
+    "typ": "the file holds another kind of token, not a VM-Auth-Token",
+    "chain": "the signer's certificate does not chain to the IAM root in [identity] ca, or "
+             "it expired or was revoked: have the hypervisor's certificate reissued",
+    "signature": "the token was altered, or signed by another key than its certificate's",
+    "claims": "the token lacks claims a VM-Auth-Token carries: issue it again with "
+              "`p11grid token issue vm`",
+    "issuer": "its iss is not the hypervisor whose key signed it",
+    "authenticated issuer": "it was signed by another hypervisor than [identity] "
+                            "hv_certificate names",
+    "subject": "its sub is not a VM of this trust domain",
+    "audience": "it was issued for another grid SP than [identity] audience",
+    "expiry": "it expired: have the hypervisor issue a new one (`p11grid token issue vm`)",
+    "not before": "it is not valid yet: check this VM's clock",
+    "lifetime": "its lifetime exceeds [identity] max_token_lifetime",
+    "confirmation": "it was issued for another VM certificate than [grid] certificate",
+}
+
+
+class GateRefused(Exception):
+    """The module's own checks refuse to go on; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    audience: str  # the grid SP's identity
+    ca: Path  # the IAM root certificate
+    crl: Path | None
+    certificate: Path  # this VM's certificate: the one the grid sees in TLS
+    idp: str  # the OpenID provider's issuer URL
+    hv_certificate: Path
+    vm_token: Path | None = None  # Option 2
+    vm: str | None = None  # Option 1: this VM's identity; the provider hands the token out
+    hv_key: str | None = None  # private_key_jwt: PKCS#11 URI of the hypervisor's key
+    hv_module: Path | None = None
+    hv_environment: dict[str, str] = field(default_factory=dict)
+    hv_key_file: Path | None = None  # tls_client_auth: the hypervisor's key file
+    max_token_lifetime: datetime.timedelta = DEFAULT_MAX_LIFETIME
+    timeout: float = 5.0
+
+
+class IdentityGate:
+    def __init__(self, settings: GateSettings) -> None:
+        if (settings.vm_token is None) == (settings.vm is None):
+            raise GateRefused("[identity] needs exactly one of vm_token (a token file, "
+                              "Option 2) or vm (the provider hands the token out, Option 1)")
+        if (settings.hv_key is None) == (settings.hv_key_file is None):
+            raise GateRefused("[identity] needs exactly one of hv_key (a PKCS#11 URI: "
+                              "private_key_jwt) or hv_key_file (tls_client_auth)")
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._auth: Any = None
+        self._idp: Any = None
+        self._signer: Any = None
+
+    def _forked(self) -> None:
+        if self._pid != os.getpid():  # the parent's signer and sessions are not ours
+            self._pid, self._auth, self._idp, self._signer = os.getpid(), None, None, None
+
+    def credentials(self) -> dict[str, str]:
+        """Fresh tokens for one `authorize` at the grid: access_token and vm_token."""
+        from idm.idp_client import exchange_vm_token, fetch_recorded
+
+        with self._lock:
+            self._forked()
+            settings = self.settings
+            idp, auth = self._connection()
+            if settings.vm_token is not None:
+                token = self._read_token(settings.vm_token)
+                self._check(token, str(settings.vm_token))
+                issued = exchange_vm_token(idp, auth, token, settings.audience)
+            else:
+                issued = fetch_recorded(idp, auth, str(settings.vm), settings.audience)
+                token = str(issued.vm_auth_token)
+                self._check(token, f"the VM-Auth-Token the provider recorded for {settings.vm}")
+            return {"access_token": issued.access_token, "vm_token": token}
+
+    @staticmethod
+    def _read_token(path: Path) -> str:
+        try:
+            return path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GateRefused(f"cannot read the VM-Auth-Token file {path}: {exc}") from None
+
+    def _check(self, token: str, where: str) -> TokenReport:
+        settings = self.settings
+        try:
+            certificate = x509.load_pem_x509_certificate(settings.certificate.read_bytes())
+            hv = x509.load_pem_x509_certificate(settings.hv_certificate.read_bytes())
+            anchor = TrustAnchor.load(settings.ca, settings.crl)
+        except (OSError, ValueError) as exc:
+            raise GateRefused(f"[identity]: cannot load a certificate or the IAM root: {exc}"
+                              ) from None
+        report = verify_token(token, "vm", Expectations(
+            anchor=anchor, audience=settings.audience,
+            max_lifetime=settings.max_token_lifetime, presented_certificate=certificate,
+            authenticated_issuer=identity_of(hv)))
+        reason = report.refusal()
+        if reason is not None:
+            check = reason.split(":", 1)[0]
+            fix = FIXES.get(check, "")
+            raise GateRefused(f"{where} refused by the module: {reason}"
+                              + (f" -- {fix}" if fix else ""))
+        return report
+
+    def _connection(self) -> tuple[Any, Any]:
+        from idm.idp_client import IdpConnection, JwtClientAuth, TlsClientAuth
+
+        settings = self.settings
+        if self._idp is None:
+            self._idp = IdpConnection.discover(settings.idp, settings.ca, settings.timeout)
+        if self._auth is None:
+            if settings.hv_key_file is not None:
+                self._auth = TlsClientAuth.from_files(settings.hv_certificate,
+                                                      settings.hv_key_file)
+            else:
+                self._auth = JwtClientAuth.from_certificates(
+                    self._hv_signer(), [x509.load_pem_x509_certificate(
+                        settings.hv_certificate.read_bytes())])
+        return self._idp, self._auth
+
+    def _hv_signer(self) -> Any:
+        from idm.pkcs11_signer import Pkcs11Signer
+        from idm.pkcs11_uri import parse_pkcs11_uri, resolve_pin
+
+        settings = self.settings
+        if settings.hv_module is None or settings.hv_key is None:
+            raise GateRefused("[identity] hv_key needs hv_module (the PKCS#11 library that "
+                              "holds the hypervisor's key)")
+        uri = parse_pkcs11_uri(settings.hv_key)
+        self._signer = Pkcs11Signer(settings.hv_module, uri, resolve_pin(uri, None),
+                                    settings.hv_environment)
+        return self._signer
+
+
+def subject_of(settings: GateSettings) -> Identity:
+    """The VM this gate speaks for (from its certificate)."""
+    return identity_of(x509.load_pem_x509_certificate(settings.certificate.read_bytes()))
+
+
+Authorizer = Callable[[], dict[str, str]]
