@@ -55,6 +55,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from idm.authority import write_file
 from idm.chain import ChainRefused, TrustAnchor, verify_chain
 from idm.identity import Identity, IdentityError
+from idm.idp_client import (  # the protocol's names, defined once with the client
+    ASSERTION_TYPE,
+    GRANT_TOKEN_EXCHANGE,
+    TYPE_ACCESS_TOKEN,
+    TYPE_APP_AUTH,
+    TYPE_VM_AUTH,
+    TYPE_VM_IDENTITY,
+)
 from idm.tokens import (
     ALGORITHMS,
     LEEWAY,
@@ -67,12 +75,6 @@ from idm.tokens import (
 
 log = logging.getLogger("p11grid.idp")
 
-GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
-TYPE_VM_AUTH = "urn:p11grid:params:oauth:token-type:vm-auth-token"
-TYPE_APP_AUTH = "urn:p11grid:params:oauth:token-type:app-auth-token"
-TYPE_VM_IDENTITY = "urn:p11grid:params:oauth:token-type:vm-identity"
 ACCESS_TOKEN_TYP = "at+jwt"  # RFC 9068 section 2.1
 SIGNING_ALGORITHM = "ES256"
 AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
