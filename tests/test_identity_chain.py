@@ -1,0 +1,323 @@
+"""The whole identity chain, live: an IAM CA, the hypervisor's key inside its own SoftHSM2
+token, the OpenID provider (`p11grid idp serve`), the grid (`p11grid grid serve` with
+`[identity]`) and the PKCS#11 module driven by pkcs11-tool. The module verifies the
+VM-Auth-Token, authenticates to the provider with the HV key, and opens the session only
+with all three elements; each refusal names its reason in the module's log."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from idm.authority import Authority, write_file
+from idm.csr import certificate_request
+from idm.identity import Identity
+from idm.pkcs11_uri import parse_pkcs11_uri
+from idm.tokens import issue_token
+from tests.test_idm_tokens import SoftSigner
+
+VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "build" / "libp11grid.so"
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+DOMAIN = "chain.test"
+SP = f"spiffe://{DOMAIN}/sp/grid"
+PIN = "13572468"
+HV_PIN = "86427531"
+HOUR = datetime.timedelta(hours=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _key_file(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_file(path, key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()), mode=0o600)
+    return key
+
+
+def _issue(ca: Authority, root: Path, kind: str, name: str, **names: Any
+           ) -> ec.EllipticCurvePrivateKey:
+    key = _key_file(root / f"{name}.key")
+    certificate = ca.issue(Identity(DOMAIN, kind, name), key.public_key(), **names)
+    (root / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return key
+
+
+def _start(command: list[str], env: dict[str, str], ready: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if ready not in line:
+        process.kill()
+        why = process.stderr.read() if process.stderr else ""
+        raise AssertionError(f"{command[:3]}: {line}{why}")
+    return process
+
+
+@dataclasses.dataclass
+class Chain:
+    root: Path
+    ca: Authority
+    env: dict[str, str]
+    hv_signer: Any
+    idp_config: Path
+
+    def vm_token(self, vm: str = "vm-1", **changes: Any) -> str:
+        cert = lambda name: x509.load_pem_x509_certificate(  # noqa: E731
+            (self.root / f"{name}.pem").read_bytes())
+        arguments: dict[str, Any] = {"kind": "vm", "signer": self.hv_signer,
+                                     "chain": [cert("hv-1")], "subject_certificate": cert(vm),
+                                     "audience": SP, "lifetime": HOUR}
+        arguments.update(changes)
+        return issue_token(**arguments)
+
+    def module_config(self, name: str, identity: str, vm: str = "vm-1") -> Path:
+        path = self.root / f"{name}.toml"
+        path.write_text(f"""
+[module]
+backend = "grid"
+log_file = "{self.root / (name + '.log')}"
+
+[grid]
+endpoints = ["127.0.0.1:{self.env['GRID_PORT']}"]
+ca = "{self.root / 'ca' / 'ca.pem'}"
+certificate = "{self.root / (vm + '.pem')}"
+key = "{self.root / (vm + '.key')}"
+timeout = 10.0
+
+[[secure_element]]
+label = "se-1"
+
+[identity]
+audience = "{SP}"
+ca = "{self.root / 'ca' / 'ca.pem'}"
+crl = "{self.root / 'ca' / 'crl.pem'}"
+idp = "https://127.0.0.1:{self.env['IDP_PORT']}"
+{identity}
+""")
+        return path
+
+    def sign(self, config: Path) -> subprocess.CompletedProcess[str]:
+        data = self.root / "data.bin"
+        data.write_bytes(b"\x42" * 32)
+        return subprocess.run(
+            ["pkcs11-tool", "--module", str(MODULE), "--token-label", "se-1", "--login",
+             "--pin", PIN, "--sign", "-m", "ECDSA", "--label", "k-ec", "-i", str(data),
+             "-o", str(self.root / "sig.bin")],
+            env={**self.env, "P11GRID_CONF": str(config)}, capture_output=True, text=True,
+            timeout=120)
+
+
+HV_BY_KEY_IN_TOKEN = """hv_certificate = "{root}/hv-1.pem"
+hv_key = "pkcs11:token=hv-se;object=hv-key?pin-source={root}/hv.pin"
+hv_module = "{softhsm}"
+hv_environment = {{ SOFTHSM2_CONF = "{root}/hv-softhsm2.conf" }}"""
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    from idm.pkcs11_signer import Pkcs11Signer, generate_key_pair
+
+    root = tmp_path_factory.mktemp("chain")
+    ca = Authority.init(root / "ca", DOMAIN)
+    _issue(ca, root, "grid", "grid-1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    _issue(ca, root, "idp", "idp-1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    for vm in ("vm-1", "vm-2"):
+        _issue(ca, root, "vm", vm)
+    # The hypervisor's key: generated inside its own token, certified through a CSR.
+    (root / "hv-tokens").mkdir()
+    hv_conf = root / "hv-softhsm2.conf"
+    hv_conf.write_text(f"directories.tokendir = {root / 'hv-tokens'}\n"
+                       "objectstore.backend = file\nlibrary.reset_on_fork = true\n")
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "hv-se", "--pin",
+                    HV_PIN, "--so-pin", "12345678"], check=True, capture_output=True,
+                   env={**os.environ, "SOFTHSM2_CONF": str(hv_conf)})
+    write_file(root / "hv.pin", HV_PIN.encode() + b"\n", mode=0o600)
+    hv_uri = parse_pkcs11_uri("pkcs11:token=hv-se;object=hv-key")
+    environment = {"SOFTHSM2_CONF": str(hv_conf)}
+    generate_key_pair(Path(SOFTHSM), hv_uri, HV_PIN, "ec256", environment)
+    hv_signer = Pkcs11Signer(Path(SOFTHSM), hv_uri, HV_PIN, environment)
+    hv_certificate = ca.issue_for_request(Identity(DOMAIN, "hv", "hv-1"),
+                                          certificate_request(hv_signer,
+                                                              Identity(DOMAIN, "hv", "hv-1")))
+    (root / "hv-1.pem").write_bytes(hv_certificate.public_bytes(serialization.Encoding.PEM))
+    # The grid's element, bound to vm-1 only.
+    (root / "tokens").mkdir()
+    softhsm = root / "softhsm2.conf"
+    softhsm.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("P11GRID_", "OPENSSL_"))}
+    env.update({"SOFTHSM2_CONF": str(softhsm), "P11GRID_REGISTRY": str(root / "reg.sqlite")})
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "se-1", "--pin", PIN,
+                    "--so-pin", "12345678"], env=env, check=True, capture_output=True)
+    for arguments in (["add-se", "--seid", "se-1", "--driver", "pkcs11", "--library", SOFTHSM,
+                       "--token-label", "se-1", "--env", f"SOFTHSM2_CONF={softhsm}"],
+                      ["keygen", "--seid", "se-1", "--label", "k-ec", "--id", "01", "--kind",
+                       "ec256", "--pin", PIN],
+                      ["bind", "--identity", f"spiffe://{DOMAIN}/vm/vm-1", "--seid", "se-1"]):
+        subprocess.run([str(VENV_BIN / "p11grid"), "grid", *arguments], env=env, check=True,
+                       capture_output=True, timeout=120)
+    # The OpenID provider.
+    idp_port = _free_port()
+    (root / "recorded").mkdir()
+    idp_config = root / "idp.toml"
+    idp_config.write_text(f"""[idp]
+listen = "127.0.0.1:{idp_port}"
+issuer = "https://127.0.0.1:{idp_port}"
+certificate = "{root / 'idp-1.pem'}"
+key = "{root / 'idp-1.key'}"
+ca_dir = "{root / 'ca'}"
+signing_key = "{root / 'idp-signing.pem'}"
+audiences = ["{SP}"]
+recorded_tokens = "{root / 'recorded'}"
+log_file = "{root / 'idp.log'}"
+""")
+    idp = _start([str(VENV_BIN / "p11grid"), "idp", "serve", "--config", str(idp_config)], env,
+                 "serving")
+    context = ssl.create_default_context(cafile=str(root / "ca" / "ca.pem"))
+    with urllib.request.urlopen(f"https://127.0.0.1:{idp_port}/jwks", context=context,
+                                timeout=10) as answer:
+        (root / "idp-jwks.json").write_text(json.dumps(json.load(answer)))
+    # The grid, enforcing the three elements.
+    grid_port = _free_port()
+    (root / "grid.toml").write_text(f"""[grid]
+listen = "127.0.0.1:{grid_port}"
+certificate = "{root / 'grid-1.pem'}"
+key = "{root / 'grid-1.key'}"
+client_ca = "{root / 'ca' / 'ca.pem'}"
+registry = "{root / 'reg.sqlite'}"
+audit_log = "{root / 'audit.log'}"
+log_file = "{root / 'grid.log'}"
+
+[identity]
+sp = "{SP}"
+ca_dir = "{root / 'ca'}"
+idp_issuer = "https://127.0.0.1:{idp_port}"
+idp_jwks = "{root / 'idp-jwks.json'}"
+""")
+    grid = _start([str(VENV_BIN / "p11grid"), "grid", "serve", "--config",
+                   str(root / "grid.toml")], env, "serving")
+    env.update({"GRID_PORT": str(grid_port), "IDP_PORT": str(idp_port)})
+    try:
+        yield Chain(root, ca, env, hv_signer, idp_config)
+    finally:
+        hv_signer.close()
+        for process in (grid, idp):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=20)
+
+
+def _option2(chain: Chain, name: str, token: str) -> Path:
+    token_file = chain.root / f"{name}.jwt"
+    token_file.write_text(token + "\n")
+    return chain.module_config(name, f'vm_token = "{token_file}"\n' + HV_BY_KEY_IN_TOKEN.format(
+        root=chain.root, softhsm=SOFTHSM))
+
+
+def test_option_2_token_file_opens_the_session(chain: Chain) -> None:
+    config = _option2(chain, "option2", chain.vm_token())
+    signed = chain.sign(config)
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    assert len((chain.root / "sig.bin").read_bytes()) == 64
+    audit = (chain.root / "audit.log").read_text()
+    assert '"op": "authorize", "result": "ok"' in audit and '"op": "sign", "result": "ok"' in audit
+    idp_log = (chain.root / "idp.log").read_text()
+    assert "hv/hv-1" in idp_log  # the provider authenticated the hypervisor
+
+
+def test_option_1_the_provider_hands_out_the_recorded_token(chain: Chain) -> None:
+    recorded = chain.root / "recorded-input.jwt"
+    recorded.write_text(chain.vm_token() + "\n")
+    subprocess.run([str(VENV_BIN / "p11grid"), "idp", "record", "--config",
+                    str(chain.idp_config), "--token", str(recorded)], env=chain.env, check=True,
+                   capture_output=True, timeout=60)
+    config = chain.module_config("option1", f'vm = "spiffe://{DOMAIN}/vm/vm-1"\n'
+                                 + HV_BY_KEY_IN_TOKEN.format(root=chain.root, softhsm=SOFTHSM))
+    signed = chain.sign(config)
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+
+
+@pytest.mark.parametrize(("defect", "says"), [
+    ("tampered", "signature"),
+    ("foreign", "confirmation"),
+    ("expired", "expiry"),
+    ("another audience", "audience"),
+])
+def test_a_bad_token_file_refuses_the_next_session(chain: Chain, defect: str, says: str) -> None:
+    good = chain.vm_token()
+    if defect == "tampered":
+        head, body, signature = good.split(".")
+        token = f"{head}.{body[:-4]}{'AAAA' if body[-4:] != 'AAAA' else 'BBBB'}.{signature}"
+    elif defect == "foreign":
+        token = chain.vm_token("vm-2")
+    elif defect == "expired":
+        token = chain.vm_token(now=datetime.datetime.now(datetime.UTC) - 2 * HOUR)
+    else:
+        token = chain.vm_token(audience=f"spiffe://{DOMAIN}/sp/other")
+    name = "bad-" + defect.replace(" ", "-")
+    config = _option2(chain, name, token)
+    refused = chain.sign(config)
+    assert refused.returncode != 0
+    assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+    log = (chain.root / f"{name}.log").read_text()
+    assert f"refused by the module: {says}:" in log, log
+    assert token not in log  # the token itself never goes to the log
+    # The same config with the defect removed works again.
+    (chain.root / f"{name}.jwt").write_text(good + "\n")
+    assert chain.sign(config).returncode == 0
+
+
+def test_tls_client_auth_then_a_revoked_hypervisor(chain: Chain) -> None:
+    """A second hypervisor whose key is a file authenticates with tls_client_auth; once the
+    CA revokes it, its VM token is refused at the next session."""
+    hv2_key = _issue(chain.ca, chain.root, "hv", "hv-2")
+    cert = lambda name: x509.load_pem_x509_certificate(  # noqa: E731
+        (chain.root / f"{name}.pem").read_bytes())
+    token = issue_token("vm", SoftSigner(hv2_key), [cert("hv-2")], cert("vm-1"), SP, HOUR)
+    token_file = chain.root / "hv2.jwt"
+    token_file.write_text(token)
+    config = chain.module_config("hv2", f'vm_token = "{token_file}"\n'
+                                 f'hv_certificate = "{chain.root / "hv-2.pem"}"\n'
+                                 f'hv_key_file = "{chain.root / "hv-2.key"}"\n')
+    signed = chain.sign(config)  # tls_client_auth to the provider, then the grid
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    chain.ca.revoke(identity=Identity(DOMAIN, "hv", "hv-2"))
+    refused = chain.sign(config)
+    assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+    assert "revoked" in (chain.root / "hv2.log").read_text()
+
+
+def test_the_grid_refuses_a_vm_not_bound_to_the_element(chain: Chain) -> None:
+    """vm-2's token is good (the module and the provider accept it), but the registry does
+    not bind vm-2 to se-1: the grid refuses, and the module says so."""
+    token_file = chain.root / "vm2.jwt"
+    token_file.write_text(chain.vm_token("vm-2"))
+    config = chain.module_config("vm2", f'vm_token = "{token_file}"\n'
+                                 + HV_BY_KEY_IN_TOKEN.format(root=chain.root, softhsm=SOFTHSM),
+                                 vm="vm-2")
+    refused = chain.sign(config)
+    assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+    assert "is not bound to spiffe://chain.test/vm/vm-2" in (chain.root / "vm2.log").read_text()
