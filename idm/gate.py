@@ -21,6 +21,7 @@ import datetime
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,12 +107,16 @@ class IdentityGate:
             idp, auth = self._connection()
             if settings.vm_token is not None:
                 token = self._read_token(settings.vm_token)
-                self._check(token, str(settings.vm_token))
+                report = self._check(token, str(settings.vm_token))
                 issued = exchange_vm_token(idp, auth, token, settings.audience)
             else:
                 issued = fetch_recorded(idp, auth, str(settings.vm), settings.audience)
                 token = str(issued.vm_auth_token)
-                self._check(token, f"the VM-Auth-Token the provider recorded for {settings.vm}")
+                report = self._check(token, f"the VM-Auth-Token the provider recorded for "
+                                            f"{settings.vm}")
+            log.info("identity: VM-Auth-Token of %s verified (%s); access token for %s from "
+                     "%s, valid %.0f s", report.subject, ", ".join(c.name for c in report.checks),
+                     settings.audience, settings.idp, issued.expires_at - time.time())
             return {"access_token": issued.access_token, "vm_token": token}
 
     @staticmethod

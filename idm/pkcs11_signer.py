@@ -101,6 +101,7 @@ _RS256 = _Algorithm("RS256", "sha256", 0)
 # --- libraries: one per module path per process --------------------------------------
 
 _libraries: dict[str, Any] = {}
+_environments: dict[str, dict[str, str]] = {}  # what each library was initialized with
 _libraries_lock = threading.Lock()
 
 
@@ -115,31 +116,43 @@ def _start_over_after_fork() -> None:
         return
     _pid = os.getpid()
     _logins.clear()
-    for library in _libraries.values():
+    for key, library in _libraries.items():
+        wanted = _environments.get(key, {})
+        saved = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)  # C_Initialize reads it again (SOFTHSM2_CONF)
         try:
             library.reinitialize()
         except Exception as exc:  # the next use reports what the library says
-            log.info("re-initializing %s after fork: %s", library, exc)
+            log.info("re-initializing %s after fork: %s", key, exc)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _library(module: Path, environment: dict[str, str] | None) -> Any:
-    """The loaded library for `module`, loading it (after setting `environment` in
-    os.environ) the first time."""
+    """The loaded library for `module`, loading it the first time with `environment` set
+    in os.environ while it initializes (restored afterwards: the host process, nginx say,
+    must not inherit the hypervisor token's SOFTHSM2_CONF)."""
     key = str(module)
+    wanted = dict(environment or {})
     with _libraries_lock:
         _start_over_after_fork()
         loaded = _libraries.get(key)
         if loaded is not None and loaded.initialized:
-            for name, value in (environment or {}).items():
-                if os.environ.get(name) != value:
+            for name, value in wanted.items():
+                had = _environments.get(key, {}).get(name, os.environ.get(name))
+                if had != value:
                     # The library read its environment when it was initialised; a different
                     # value now would silently be ignored.
                     raise ModuleLoadError(
                         f"{module} is already loaded in this process with {name}="
-                        f"{os.environ.get(name)!r}; it cannot be reloaded with {value!r}")
+                        f"{had!r}; it cannot be reloaded with {value!r}")
             return loaded
-        for name, value in (environment or {}).items():
-            os.environ[name] = value
+        saved = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)
         try:
             import pkcs11
 
@@ -149,6 +162,13 @@ def _library(module: Path, environment: dict[str, str] | None) -> Any:
                 "environment)" if "softhsm" in key.lower() and not environment else ""
             raise ModuleLoadError(f"cannot load the PKCS#11 library {module}: {exc}{hint}") \
                 from None
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        _environments[key] = wanted
         _libraries[key] = library
         return library
 

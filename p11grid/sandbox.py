@@ -33,7 +33,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from p11grid import ca, paths, sandbox_grid, sandbox_piv, sandbox_token
+from idm.authority import Authority
+from p11grid import ca, paths, sandbox_grid, sandbox_identity, sandbox_piv, sandbox_token
 
 Say = Callable[[str], None]
 
@@ -72,8 +73,11 @@ ENV_NAMES = (
     "P11GRID_RACS_KEY",
     "P11GRID_RACS_CA",
     "PCSCLITE_CSOCK_NAME",
+    "P11GRID_VM_TOKEN",
+    "P11GRID_IDP_URL",
 )
 GRID_PROCESS = "grid"
+IDP_PROCESS = "idp"
 PIV_PROCESS = "piv"
 
 
@@ -481,8 +485,14 @@ def _build(sandbox: Sandbox, say: Say) -> None:
             )
 
         sandbox.ca_key.parent.mkdir(mode=0o700)
-        authority = ca.create_ca(sandbox.ca_key, sandbox.ca_cert, CA_COMMON_NAME)
-        say(f"sandbox: created the sandbox CA {sandbox.ca_cert} (key {sandbox.ca_key}, mode 0600)")
+        # The sandbox CA is the IAM root CA of the trust domain (idm.authority), so that
+        # the identity layer and the TLS certificates share one root.
+        iam = Authority.init(sandbox.ca_key.parent, sandbox_grid.TRUST_DOMAIN, CA_COMMON_NAME)
+        shutil.copyfile(iam.directory / "ca.pem", sandbox.ca_cert)
+        authority = ca.SandboxCA(key=iam.key, certificate=iam.certificate)
+        say(f"sandbox: created the IAM root CA of spiffe://{iam.trust_domain} in "
+            f"{iam.directory} (root {sandbox.ca_cert}, key mode 0600, revocation list "
+            f"{iam.directory / 'crl.pem'})")
 
         objects: list[sandbox_token.CertificateObject] = []
         for spec in sandbox_token.SANDBOX_KEYS:
@@ -533,11 +543,29 @@ def _build(sandbox: Sandbox, say: Say) -> None:
     say(f"sandbox: registry {grid.registry}: elements '{TOKEN_LABEL}' and "
         f"'{sandbox_piv.SEID}' bound to {sandbox_grid.VM_IDENTITY}; "
         f"'{sandbox_grid.RACS_ADMIN}' administers '{sandbox_piv.SEID}' over RACS")
+    identity = sandbox_identity.IdentityLayout(directory / "identity",
+                                               sandbox_grid.TRUST_DOMAIN)
+    try:
+        sandbox_identity.create_hypervisor(identity, iam.directory, softhsm_library)
+        say(f"sandbox: hypervisor {sandbox_identity.HV_NAME}: key generated inside its own "
+            f"SoftHSM2 token '{sandbox_identity.HV_TOKEN}' ({identity.hv_softhsm_conf}), "
+            f"certified through a CSR signed in the token -> {identity.hv_certificate}")
+        idp_pid, issuer = sandbox_identity.start_idp(identity, iam)
+        record_process(directory, IDP_PROCESS, idp_pid, process_group=idp_pid)
+        say(f"sandbox: OpenID provider (pid {idp_pid}) at {issuer}, log {identity.idp_log}")
+        sandbox_identity.issue_vm_token(identity, softhsm_library, grid.path("vm.pem"))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        raise SandboxError(f"identity layer: {error}") from None
+    say(f"sandbox: VM-Auth-Token for {sandbox_grid.VM_IDENTITY}, signed by the hypervisor's "
+        f"key in its token, audience {identity.sp}, valid "
+        f"{sandbox_identity.VM_TOKEN_TTL} -> {identity.vm_token}")
     port = sandbox_grid.free_port()
     racs_port = sandbox_grid.free_port()
     while racs_port == port:
         racs_port = sandbox_grid.free_port()
-    sandbox_grid.write_config(grid, sandbox.ca_cert, port, racs_port)
+    sandbox_grid.write_config(grid, sandbox.ca_cert, port, racs_port,
+                              sandbox_identity.grid_identity_table(identity, iam.directory,
+                                                                   issuer))
     # libpcsclite reads PCSCLITE_CSOCK_NAME once per process: the service gets it at start.
     grid_pid = sandbox_grid.start(grid, sandbox.ca_cert, port, racs_port,
                                   {"PCSCLITE_CSOCK_NAME": str(piv.socket)})
@@ -547,7 +575,9 @@ def _build(sandbox: Sandbox, say: Say) -> None:
 
     sandbox.local_module_conf.write_text(_module_conf_text(sandbox, softhsm_library))
     sandbox.module_conf.write_text(sandbox_grid.module_config_text(
-        grid, sandbox.ca_cert, port, sandbox.module_log, [TOKEN_LABEL, sandbox_piv.SEID]))
+        grid, sandbox.ca_cert, port, sandbox.module_log, [TOKEN_LABEL, sandbox_piv.SEID])
+        + sandbox_identity.module_identity_table(identity, iam.directory, issuer,
+                                                 softhsm_library))
     say(f"sandbox: wrote {sandbox.module_conf} (module config: keys in the grid, log "
         f"{sandbox.module_log}) and {sandbox.local_module_conf} (the token in-process)")
 
@@ -587,6 +617,8 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         "P11GRID_RACS_KEY": str(grid.racs_client_key),
         "P11GRID_RACS_CA": str(sandbox.ca_cert),
         "PCSCLITE_CSOCK_NAME": str(piv.socket),
+        "P11GRID_VM_TOKEN": str(identity.vm_token),
+        "P11GRID_IDP_URL": issuer,
     }
     assert tuple(variables) == ENV_NAMES
     ca.write_private_file(sandbox.env_file, _env_text(variables).encode())

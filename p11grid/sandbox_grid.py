@@ -112,7 +112,8 @@ def register_piv(layout: GridLayout, seid: str, settings: dict[str, object],
         registry.close()
 
 
-def write_config(layout: GridLayout, ca_cert: Path, port: int, racs_port: int) -> None:
+def write_config(layout: GridLayout, ca_cert: Path, port: int, racs_port: int,
+                 identity_table: str = "") -> None:
     layout.config.write_text(
         "# The sandbox's grid service (p11grid grid serve --config this-file)\n"
         "[grid]\n"
@@ -130,6 +131,7 @@ def write_config(layout: GridLayout, ca_cert: Path, port: int, racs_port: int) -
         f"certificate = {_toml(str(layout.path('racs.pem')))}\n"
         f"key = {_toml(str(layout.path('racs.key')))}\n"
         f"client_ca = {_toml(str(ca_cert))}\n"
+        + identity_table
     )
 
 

@@ -55,3 +55,14 @@ def p11lib(sandbox: dict[str, str], sandbox_environ: dict[str, str]):  # type: i
             check=True, capture_output=True, env=sandbox_environ)
     os.environ["P11GRID_CONF"] = sandbox["P11GRID_CONF"]
     return pkcs11.lib(sandbox["P11GRID_MODULE"])
+
+
+def grid_tokens(sandbox_environ: dict[str, str]) -> dict[str, str]:
+    """Fresh tokens for one `authorize` at the sandbox's grid (an access token is good for
+    one authorization), made by the module's gate in a child process."""
+    import json
+
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "gate_host.py")],
+                            env=sandbox_environ, capture_output=True, text=True, timeout=60,
+                            check=True)
+    return dict(json.loads(result.stdout))

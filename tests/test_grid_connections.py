@@ -17,6 +17,7 @@ from grid_backend.protocol import HEADER, decode, encode, frame_length
 from grid_backend.registry import SqliteRegistry
 from grid_backend.service.config import Endpoint, load
 from grid_backend.service.server import GridServer, GridService
+from tests.conftest import grid_tokens
 
 
 @contextmanager
@@ -53,17 +54,23 @@ class _Replies:
         return decode(frame)
 
 
-def test_requests_sent_ahead_are_answered_in_order(sandbox: dict[str, str]) -> None:
+def test_requests_sent_ahead_are_answered_in_order(sandbox: dict[str, str],
+                                                   sandbox_environ: dict[str, str]) -> None:
     with _connection(sandbox) as tls:
+        reader = _Replies(tls)
+        tls.sendall(encode([0, "authorize", 5000, {"seid": "vm-se",
+                                                    **grid_tokens(sandbox_environ)}]))
+        granted = reader.next()
+        assert granted is not None and granted[1] is True, granted
+        handle = {"seid": "vm-se", "authorization": granted[2]["authorization"]}
         # A listing (answered by a worker thread) then quick ones, all in one write.
         burst = b"".join([
-            encode([1, "objects", 5000, {"seid": "vm-se"}]),
-            encode([2, "random", 5000, {"seid": "vm-se", "length": 16}]),
+            encode([1, "objects", 5000, handle]),
+            encode([2, "random", 5000, {**handle, "length": 16}]),
             encode([3, "hello", 5000, {}]),
-            encode([4, "random", 5000, {"seid": "vm-se", "length": 8}]),
+            encode([4, "random", 5000, {**handle, "length": 8}]),
         ])
         tls.sendall(burst)
-        reader = _Replies(tls)
         replies = [reader.next() for _ in range(4)]
     assert all(r is not None for r in replies)
     assert [r[0] for r in replies] == [1, 2, 3, 4]  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -142,7 +143,8 @@ def _discovering_config(sandbox: dict[str, str], tmp_path: Path, endpoint: str |
                         ) -> Path:
     """The sandbox's module config without its [[secure_element]] tables."""
     text = Path(sandbox["P11GRID_CONF"]).read_text()
-    text = text[:text.index("[[secure_element]]")]
+    text = re.sub(r"\[\[secure_element\]\]\n(?:[a-z_]+ = .*\n)*", "", text)
+    assert "[[secure_element]]" not in text and "[identity]" in text
     if endpoint is not None:
         text = text.replace(sandbox["P11GRID_GRID_ADDR"], endpoint)
     config = tmp_path / "discover.toml"

@@ -26,9 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from idm.authority import Authority, write_file
-from idm.csr import certificate_request
 from idm.identity import Identity
-from idm.pkcs11_uri import parse_pkcs11_uri
 from idm.tokens import issue_token
 from tests.test_idm_tokens import SoftSigner
 
@@ -82,14 +80,28 @@ class Chain:
     root: Path
     ca: Authority
     env: dict[str, str]
-    hv_signer: Any
     idp_config: Path
 
-    def vm_token(self, vm: str = "vm-1", **changes: Any) -> str:
+    def vm_token(self, vm: str = "vm-1", audience: str = SP) -> str:
+        """Signed by hv-1's key inside its token, through `p11grid token issue vm` (this
+        process never loads SoftHSM2: the module under test loads it, in-process)."""
+        out = self.root / "issued.jwt"
+        subprocess.run([str(VENV_BIN / "p11grid"), "token", "issue", "vm", "--hv-key",
+                        "pkcs11:token=hv-se;object=hv-key", "--module", SOFTHSM, "--env",
+                        f"SOFTHSM2_CONF={self.root / 'hv-softhsm2.conf'}", "--pin", HV_PIN,
+                        "--hv-cert", str(self.root / "hv-1.pem"),
+                        "--vm-cert", str(self.root / f"{vm}.pem"), "--audience", audience,
+                        "--out", str(out)], check=True, capture_output=True, timeout=60)
+        return out.read_text().strip()
+
+    def soft_vm_token(self, hv: str, vm: str = "vm-1", **changes: Any) -> str:
+        """Signed by a hypervisor whose key is a file here (tls_client_auth to the provider)."""
+        key = serialization.load_pem_private_key((self.root / f"{hv}.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
         cert = lambda name: x509.load_pem_x509_certificate(  # noqa: E731
             (self.root / f"{name}.pem").read_bytes())
-        arguments: dict[str, Any] = {"kind": "vm", "signer": self.hv_signer,
-                                     "chain": [cert("hv-1")], "subject_certificate": cert(vm),
+        arguments: dict[str, Any] = {"kind": "vm", "signer": SoftSigner(key),
+                                     "chain": [cert(hv)], "subject_certificate": cert(vm),
                                      "audience": SP, "lifetime": HOUR}
         arguments.update(changes)
         return issue_token(**arguments)
@@ -139,14 +151,13 @@ hv_environment = {{ SOFTHSM2_CONF = "{root}/hv-softhsm2.conf" }}"""
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
-    from idm.pkcs11_signer import Pkcs11Signer, generate_key_pair
-
     root = tmp_path_factory.mktemp("chain")
     ca = Authority.init(root / "ca", DOMAIN)
     _issue(ca, root, "grid", "grid-1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     _issue(ca, root, "idp", "idp-1", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
     for vm in ("vm-1", "vm-2"):
         _issue(ca, root, "vm", vm)
+    _issue(ca, root, "hv", "hv-3")  # a hypervisor whose key is a file
     # The hypervisor's key: generated inside its own token, certified through a CSR.
     (root / "hv-tokens").mkdir()
     hv_conf = root / "hv-softhsm2.conf"
@@ -156,14 +167,11 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                     HV_PIN, "--so-pin", "12345678"], check=True, capture_output=True,
                    env={**os.environ, "SOFTHSM2_CONF": str(hv_conf)})
     write_file(root / "hv.pin", HV_PIN.encode() + b"\n", mode=0o600)
-    hv_uri = parse_pkcs11_uri("pkcs11:token=hv-se;object=hv-key")
-    environment = {"SOFTHSM2_CONF": str(hv_conf)}
-    generate_key_pair(Path(SOFTHSM), hv_uri, HV_PIN, "ec256", environment)
-    hv_signer = Pkcs11Signer(Path(SOFTHSM), hv_uri, HV_PIN, environment)
-    hv_certificate = ca.issue_for_request(Identity(DOMAIN, "hv", "hv-1"),
-                                          certificate_request(hv_signer,
-                                                              Identity(DOMAIN, "hv", "hv-1")))
-    (root / "hv-1.pem").write_bytes(hv_certificate.public_bytes(serialization.Encoding.PEM))
+    subprocess.run([str(VENV_BIN / "p11grid"), "ca", "issue", "--ca-dir", str(root / "ca"),
+                    "--kind", "hv", "--name", "hv-1", "--module", SOFTHSM, "--env",
+                    f"SOFTHSM2_CONF={hv_conf}", "--key-uri", "pkcs11:token=hv-se;object=hv-key",
+                    "--pin", HV_PIN, "--generate", "ec256", "--out", str(root / "hv-1.pem")],
+                   check=True, capture_output=True, timeout=120)
     # The grid's element, bound to vm-1 only.
     (root / "tokens").mkdir()
     softhsm = root / "softhsm2.conf"
@@ -222,9 +230,8 @@ idp_jwks = "{root / 'idp-jwks.json'}"
                    str(root / "grid.toml")], env, "serving")
     env.update({"GRID_PORT": str(grid_port), "IDP_PORT": str(idp_port)})
     try:
-        yield Chain(root, ca, env, hv_signer, idp_config)
+        yield Chain(root, ca, env, idp_config)
     finally:
-        hv_signer.close()
         for process in (grid, idp):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=20)
@@ -274,11 +281,19 @@ def test_a_bad_token_file_refuses_the_next_session(chain: Chain, defect: str, sa
     elif defect == "foreign":
         token = chain.vm_token("vm-2")
     elif defect == "expired":
-        token = chain.vm_token(now=datetime.datetime.now(datetime.UTC) - 2 * HOUR)
+        token = chain.soft_vm_token("hv-3", now=datetime.datetime.now(datetime.UTC) - 2 * HOUR)
+        good = chain.soft_vm_token("hv-3")
     else:
         token = chain.vm_token(audience=f"spiffe://{DOMAIN}/sp/other")
     name = "bad-" + defect.replace(" ", "-")
-    config = _option2(chain, name, token)
+    if defect == "expired":  # that hypervisor's key is a file: tls_client_auth
+        token_file = chain.root / f"{name}.jwt"
+        token_file.write_text(token + "\n")
+        config = chain.module_config(name, f'vm_token = "{token_file}"\n'
+                                     f'hv_certificate = "{chain.root / "hv-3.pem"}"\n'
+                                     f'hv_key_file = "{chain.root / "hv-3.key"}"\n')
+    else:
+        config = _option2(chain, name, token)
     refused = chain.sign(config)
     assert refused.returncode != 0
     assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
@@ -293,10 +308,8 @@ def test_a_bad_token_file_refuses_the_next_session(chain: Chain, defect: str, sa
 def test_tls_client_auth_then_a_revoked_hypervisor(chain: Chain) -> None:
     """A second hypervisor whose key is a file authenticates with tls_client_auth; once the
     CA revokes it, its VM token is refused at the next session."""
-    hv2_key = _issue(chain.ca, chain.root, "hv", "hv-2")
-    cert = lambda name: x509.load_pem_x509_certificate(  # noqa: E731
-        (chain.root / f"{name}.pem").read_bytes())
-    token = issue_token("vm", SoftSigner(hv2_key), [cert("hv-2")], cert("vm-1"), SP, HOUR)
+    _issue(chain.ca, chain.root, "hv", "hv-2")
+    token = chain.soft_vm_token("hv-2")
     token_file = chain.root / "hv2.jwt"
     token_file.write_text(token)
     config = chain.module_config("hv2", f'vm_token = "{token_file}"\n'

@@ -57,6 +57,8 @@ EXPECTED_VARIABLES = (
     "P11GRID_RACS_KEY",
     "P11GRID_RACS_CA",
     "PCSCLITE_CSOCK_NAME",
+    "P11GRID_VM_TOKEN",
+    "P11GRID_IDP_URL",
 )
 KEYS = {"vm-rsa": b"\x01", "vm-ec": b"\x02"}
 P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER OID of prime256v1
@@ -219,6 +221,53 @@ def test_env_exports_every_variable(built: BuiltSandbox) -> None:
     assert variables["PCSCLITE_CSOCK_NAME"] == str(
         directory / "piv" / "run" / "pcscd" / "pcscd.comm")
     assert stat.S_ISSOCK(Path(variables["PCSCLITE_CSOCK_NAME"]).stat().st_mode)
+    assert variables["P11GRID_VM_TOKEN"] == str(directory / "identity" / "vm-token.jwt")
+    assert re.fullmatch(r"https://127\.0\.0\.1:[0-9]+", variables["P11GRID_IDP_URL"])
+
+
+def test_identity_chain_is_live(built: BuiltSandbox) -> None:
+    """The IdP answers at P11GRID_IDP_URL; the token file at P11GRID_VM_TOKEN verifies
+    check by check; replacing it with a tampered token makes the next session refuse, and
+    putting it back makes it work again (foreign, expired and other tokens: see
+    test_identity_chain.py)."""
+    import json
+    import ssl
+    import urllib.request
+
+    variables = built.variables
+    context = ssl.create_default_context(cafile=variables["P11GRID_CA"])
+    with urllib.request.urlopen(variables["P11GRID_IDP_URL"]
+                                + "/.well-known/openid-configuration", context=context,
+                                timeout=10) as answer:
+        discovery = json.load(answer)
+    assert discovery["issuer"] == variables["P11GRID_IDP_URL"]
+    token_file = Path(variables["P11GRID_VM_TOKEN"])
+    good = token_file.read_text()
+    verdict = run_command("token", "verify", token_file, "--ca-dir",
+                          built.directory / "ca", "--audience",
+                          "spiffe://p11grid.sandbox/sp/grid", "--cert",
+                          built.directory / "grid" / "vm.pem")
+    assert verdict.returncode == 0 and "verdict: valid" in verdict.stdout, verdict.stdout
+
+    def list_private_objects() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["pkcs11-tool", "--module", variables["P11GRID_MODULE"], "--token-label", "vm-se",
+             "--login", "--pin", variables["P11GRID_PIN"], "--list-objects", "--type",
+             "privkey"], env={**os.environ, **variables}, capture_output=True, text=True,
+            timeout=60)
+
+    head, body, signature = good.strip().split(".")
+    tampered = f"{head}.{body[:-2]}{'AA' if body[-2:] != 'AA' else 'BB'}.{signature}"
+    try:
+        token_file.write_text(tampered + "\n")
+        refused = list_private_objects()
+        assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+        log = (built.directory / "p11grid.log").read_text()
+        assert "refused by the module: signature:" in log
+    finally:
+        token_file.write_text(good)
+    allowed = list_private_objects()
+    assert allowed.returncode == 0 and "vm-ec" in allowed.stdout, allowed.stderr
     client = x509.load_pem_x509_certificate(Path(variables["P11GRID_RACS_CERT"]).read_bytes())
     assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "racs-admin"
 
@@ -462,7 +511,7 @@ def test_nginx_serves_tls_with_token_keys(built: BuiltSandbox) -> None:
         status = nginx.stop(server)
     assert status == 0
     assert [p["name"] for p in sandbox.read_state(built.directory)["processes"]] == \
-        ["piv", "grid"]
+        ["piv", "idp", "grid"]
 
 
 # --- refusing, and tearing down --------------------------------------------------------
