@@ -121,7 +121,11 @@ def _start_over_after_fork() -> None:
         saved = {name: os.environ.get(name) for name in wanted}
         os.environ.update(wanted)  # C_Initialize reads it again (SOFTHSM2_CONF)
         try:
-            library.reinitialize()
+            try:
+                library.finalize()  # the parent's state; a child may be refused: fine
+            except Exception:
+                pass
+            library.initialize()
         except Exception as exc:  # the next use reports what the library says
             log.info("re-initializing %s after fork: %s", key, exc)
         finally:

@@ -1,11 +1,15 @@
-"""`make demo`: nginx serves TLS 1.2 and 1.3 with keys held in the grid of secure elements.
+"""`make demo`: nginx serves TLS 1.2 and 1.3 with keys held in the grid of secure elements,
+unlocked by the identity chain (IAM CA, hypervisor key, OpenID provider, VM-Auth-Token).
 
-Steps: build a sandbox (its grid service hosts the token); sign through our module with
+Steps: build a sandbox (its grid service hosts the token); verify the VM-Auth-Token check
+by check, as the module does before its first session; sign through our module with
 the OpenSSL CLI (libp11 engine) and check the signatures against the certificates; start
 nginx with both keys; fetch pages with curl, which verifies the server against the
 sandbox CA; show from the grid's audit log that the signatures were made in the grid, by
-the VM's identity; stop everything. Exits non-zero with the reason and the tails of
-nginx's and the module's logs on any failure.
+the VM's identity, and that each session was authorized by the three elements; swap the
+token for a foreign one and show the module refusing with its reason; stop everything.
+Exits non-zero with the reason and the tails of nginx's and the module's logs on any
+failure.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from p11grid import nginx, paths, sandbox
+from p11grid import nginx, paths, sandbox, sandbox_grid, sandbox_identity
 
 OK = "✓"
 FAILED = "✗"
@@ -244,6 +248,94 @@ def check_grid_audit(audit_log: Path, tally: Tally) -> None:
                 f"{len(failed)} of {len(signs)} signatures in the grid failed")
 
 
+def _p11grid(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "p11grid", *arguments], capture_output=True,
+                          text=True, timeout=120)
+
+
+def check_identity_chain(box: sandbox.Sandbox, variables: dict[str, str], tally: Tally) -> None:
+    """What the module checks before its first session, shown check by check."""
+    hv = f"spiffe://{sandbox_grid.TRUST_DOMAIN}/hv/{sandbox_identity.HV_NAME}"
+    identity = sandbox_identity.IdentityLayout(box.directory / "identity",
+                                               sandbox_grid.TRUST_DOMAIN)
+    verdict = _p11grid("token", "verify", variables["P11GRID_VM_TOKEN"], "--ca-dir",
+                       str(box.directory / "ca"), "--audience", identity.sp, "--cert",
+                       str(box.grid.path("vm.pem")), "--issuer", hv)
+    for line in verdict.stdout.splitlines():
+        if line.startswith("  PASS  "):
+            tally.check(True, "VM-Auth-Token " + line[len("  PASS  "):])
+        elif line.startswith("  FAIL  "):
+            tally.check(False, "VM-Auth-Token " + line[len("  FAIL  "):])
+    tally.check(verdict.returncode == 0, f"{variables['P11GRID_VM_TOKEN']}: valid for "
+                f"{sandbox_grid.VM_IDENTITY}, signed by {hv} inside its token",
+                verdict.stderr.strip() or verdict.stdout.strip().splitlines()[-1:][0]
+                if verdict.stdout.strip() else "no verdict")
+    tally.check(True, f"OpenID provider {variables['P11GRID_IDP_URL']}: the module "
+                "authenticates the hypervisor there with private_key_jwt signed in its token")
+
+
+def check_authorizations(box: sandbox.Sandbox, tally: Tally) -> None:
+    """The grid opened each session only after `authorize` checked the three elements."""
+    import json
+
+    records = [json.loads(line.split(" ", 2)[2])
+               for line in box.grid.audit_log.read_text().splitlines() if line.strip()]
+    granted = [r for r in records if r.get("op") == "authorize" and r.get("result") == "ok"]
+    tally.check(bool(granted), f"the grid authorized {len(granted)} session(s) of "
+                f"{', '.join(sorted({r['caller'] for r in granted}))} on the three elements "
+                "(access token, certificate, VM-Auth-Token)", "no authorize in the audit log")
+    log = box.module_log.read_text(errors="replace") if box.module_log.exists() else ""
+    verified = [line for line in log.splitlines() if "identity: VM-Auth-Token" in line]
+    tally.check(bool(verified), "the module verified its token before its first session: "
+                + (verified[-1].split("identity: ", 1)[-1][:110] if verified else ""),
+                "no such line in the module log")
+
+
+def show_refusal(box: sandbox.Sandbox, variables: dict[str, str], tally: Tally) -> None:
+    """A token for another VM in place of ours: the next session is refused, with why."""
+    identity = sandbox_identity.IdentityLayout(box.directory / "identity",
+                                               sandbox_grid.TRUST_DOMAIN)
+    token_file = Path(variables["P11GRID_VM_TOKEN"])
+    good = token_file.read_text()
+    other = box.directory / "demo-vm-2"
+    issued = _p11grid("ca", "issue", "--ca-dir", str(box.directory / "ca"), "--kind", "vm",
+                      "--name", "vm-2", "--key-out", f"{other}.key", "--out", f"{other}.pem")
+    foreign = _p11grid("token", "issue", "vm", "--hv-key", identity.hv_key_uri, "--module",
+                       str(paths.softhsm_library()), "--env",
+                       f"SOFTHSM2_CONF={identity.hv_softhsm_conf}", "--hv-cert",
+                       str(identity.hv_certificate), "--vm-cert", f"{other}.pem",
+                       "--audience", identity.sp, "--ttl", "10m")
+    if not tally.check(issued.returncode == 0 and foreign.returncode == 0,
+                       "a VM-Auth-Token for another VM (vm-2), signed by the same hypervisor",
+                       (issued.stderr + foreign.stderr).strip()):
+        return
+    try:
+        token_file.write_text(foreign.stdout)
+        # pkcs11-tool, not openssl: Debian 12's libp11 (0.4.12) waits forever when
+        # C_OpenSession fails (fixed upstream in libp11 PR #579).
+        refused = subprocess.run(
+            ["pkcs11-tool", "--module", variables["P11GRID_MODULE"], "--token-label",
+             variables["P11GRID_TOKEN"], "--login", "--pin", variables["P11GRID_PIN"],
+             "--list-objects"],
+            env={**os.environ, "P11GRID_CONF": variables["P11GRID_CONF"]},
+            capture_output=True, text=True, timeout=OPENSSL_TIMEOUT_SECONDS,
+            stdin=subprocess.DEVNULL)
+        reasons = [line for line in box.module_log.read_text(errors="replace").splitlines()
+                   if "refused by the module" in line]
+        tally.check("CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+                    and bool(reasons),
+                    "with vm-2's token in P11GRID_VM_TOKEN, the next session is refused: "
+                    "CKR_TOKEN_NOT_RECOGNIZED", "the session was not refused")
+        if reasons:
+            reason = reasons[-1].split("refused by the module: ", 1)[-1]
+            check, _, detail = reason.partition(":")
+            _say(f"    module log: C_OpenSession -> CKR_TOKEN_NOT_RECOGNIZED: {check} check "
+                 f"failed -- {detail.rpartition(' -- ')[2]}")
+    finally:
+        token_file.write_text(good)
+    _say("    (the VM's own token is back in place)")
+
+
 def run(requests: int, direct: bool, keep: bool) -> int:
     tally = Tally()
     directory = Path(tempfile.mkdtemp(prefix="p11grid-demo-"))
@@ -253,7 +345,7 @@ def run(requests: int, direct: bool, keep: bool) -> int:
     _say("p11grid demo: nginx serves TLS with keys held in the grid of secure elements")
     _say(f"  keys reached through {through}")
     try:
-        _say("\n[1/4] p11grid sandbox up")
+        _say("\n[1/6] p11grid sandbox up")
         created = _run_sandbox_command("up", directory)
         if not tally.check(created.returncode == 0, f"sandbox ready in {directory}",
                            "p11grid sandbox up failed (see above)"):  # fmt: skip
@@ -264,10 +356,14 @@ def run(requests: int, direct: bool, keep: bool) -> int:
             tally.check(False, f"{paths.MODULE_PATH} exists", "not built: run `make install`")
             return 1
 
-        _say("\n[2/4] OpenSSL CLI signs through the libp11 engine")
+        if not direct:
+            _say("\n[2/6] the identity chain: what the module checks before its first session")
+            check_identity_chain(box, variables, tally)
+
+        _say("\n[3/6] OpenSSL CLI signs through the libp11 engine")
         check_openssl_signing(box, variables, openssl_conf, tally)
 
-        _say("\n[3/4] nginx: 2 workers, one HTTPS port per key")
+        _say("\n[4/6] nginx: 2 workers, one HTTPS port per key")
         try:
             server = nginx.start(directory, openssl_conf=openssl_conf)
         except nginx.NginxError as error:
@@ -279,12 +375,15 @@ def run(requests: int, direct: bool, keep: bool) -> int:
             + ", ".join(f"{label} on {server.url(label)}" for label in server.ports),
         )
 
-        _say(f"\n[4/4] curl --cacert {box.ca_cert.name}: {requests} requests per key and version")
+        _say(f"\n[5/6] curl --cacert {box.ca_cert.name}: {requests} requests per key and version")
         workers = server.worker_pids()
         check_tls(server, box.ca_cert, requests, tally)
         if not direct:
             check_module_in_nginx(server, workers, box.module_log, tally)
             check_grid_audit(box.grid.audit_log, tally)
+            check_authorizations(box, tally)
+            _say("\n[6/6] a refusal: another VM's token in place of ours")
+            show_refusal(box, variables, tally)
         return 0 if not tally.failures else 1
     except Exception as error:  # nginx and the sandbox are still cleaned up below
         tally.check(False, "the demo ran to its end", f"{type(error).__name__}: {error}")
