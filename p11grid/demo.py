@@ -311,8 +311,7 @@ def show_refusal(box: sandbox.Sandbox, variables: dict[str, str], tally: Tally) 
         return
     try:
         token_file.write_text(foreign.stdout)
-        # pkcs11-tool, not openssl: Debian 12's libp11 (0.4.12) waits forever when
-        # C_OpenSession fails (fixed upstream in libp11 PR #579).
+        # pkcs11-tool prints the CK_RV the module answered (openssl only says it failed).
         refused = subprocess.run(
             ["pkcs11-tool", "--module", variables["P11GRID_MODULE"], "--token-label",
              variables["P11GRID_TOKEN"], "--login", "--pin", variables["P11GRID_PIN"],
@@ -329,7 +328,7 @@ def show_refusal(box: sandbox.Sandbox, variables: dict[str, str], tally: Tally) 
         if reasons:
             reason = reasons[-1].split("refused by the module: ", 1)[-1]
             check, _, detail = reason.partition(":")
-            _say(f"    module log: C_OpenSession -> CKR_TOKEN_NOT_RECOGNIZED: {check} check "
+            _say(f"    module log: CKR_TOKEN_NOT_RECOGNIZED: the {check} check "
                  f"failed -- {detail.rpartition(' -- ')[2]}")
     finally:
         token_file.write_text(good)

@@ -294,7 +294,10 @@ class Module:
         token = self.token(slot_id)
         if not flags & CKF_SERIAL_SESSION:
             raise CKRError(CKR.SESSION_PARALLEL_NOT_SUPPORTED, "CKF_SERIAL_SESSION is required")
-        token.element()  # reach the element now: failures belong to C_OpenSession
+        # The element (and the identity gate before it) is reached at the first call that
+        # needs it (C_Login, C_FindObjectsInit, ...), not here: Debian 12's libp11 0.4.12
+        # (OpenSSL's engine, nginx) waits forever for a session when C_OpenSession fails,
+        # while it reports a failed C_Login or C_FindObjectsInit and gives up.
         with self._lock:
             running = self._require()
             handle = next(running.session_numbers)
@@ -420,6 +423,7 @@ class Module:
     def find_init(self, handle: int, template: Template) -> None:
         with self._starting(handle, "find") as session:
             token = session.token
+            token.element()  # the first look at the element's objects may reach it
             found = [h for h, o in token.objects.items()
                      if token.visible(o) and o.matches(template)]
             session.find = FindOperation(sorted(found))

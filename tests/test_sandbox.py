@@ -262,6 +262,16 @@ def test_identity_chain_is_live(built: BuiltSandbox) -> None:
         token_file.write_text(tampered + "\n")
         refused = list_private_objects()
         assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+        # OpenSSL's engine (libp11 0.4.12 waits forever if C_OpenSession fails): the
+        # refusal comes at C_Login, and openssl ends with an error.
+        digest = built.directory / "identity-digest.bin"
+        digest.write_bytes(b"\x01" * 32)
+        engine = subprocess.run(
+            ["openssl", "pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey",
+             variables["P11GRID_EC_URI"], "-sign", "-in", str(digest)],
+            env={**os.environ, **variables}, capture_output=True, timeout=120,
+            stdin=subprocess.DEVNULL)
+        assert engine.returncode != 0 and not engine.stdout
         log = (built.directory / "p11grid.log").read_text()
         assert "refused by the module: signature:" in log
     finally:
