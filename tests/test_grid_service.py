@@ -54,7 +54,7 @@ def test_unbound_identity_is_refused(sandbox: dict[str, str], sandbox_environ: d
     assert pool.call("list", {}, idempotent=True)["elements"] == []
     with pytest.raises(ElementRefused):
         pool.call("objects", {"seid": "vm-se"}, idempotent=True)
-    # Through the module: C_OpenSession answers CKR_TOKEN_NOT_RECOGNIZED.
+    # Through the module: the first look at the objects answers CKR_TOKEN_NOT_RECOGNIZED.
     config = tmp_path / "p11grid.toml"
     config.write_text(Path(sandbox["P11GRID_CONF"]).read_text()
                       .replace(str(Path(sandbox["P11GRID_SANDBOX"]) / "grid" / "vm.pem"),
