@@ -102,7 +102,9 @@ _RS256 = _Algorithm("RS256", "sha256", 0)
 
 _libraries: dict[str, Any] = {}
 _environments: dict[str, dict[str, str]] = {}  # what each library was initialized with
-_libraries_lock = threading.Lock()
+# Re-entrant: a library may itself sign through another one while it loads or logs in
+# (our own PKCS#11 module's identity gate signs with the hypervisor's key inside C_Login).
+_libraries_lock = threading.RLock()
 
 
 _pid = os.getpid()
@@ -187,7 +189,7 @@ class _Login:
 
 
 _logins: dict[tuple[str, int], _Login] = {}
-_logins_lock = threading.Lock()
+_logins_lock = threading.RLock()
 _PIN_KEY = secrets.token_bytes(32)  # so that only a keyed hash of a PIN stays in memory
 
 

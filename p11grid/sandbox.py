@@ -75,6 +75,7 @@ ENV_NAMES = (
     "PCSCLITE_CSOCK_NAME",
     "P11GRID_VM_TOKEN",
     "P11GRID_IDP_URL",
+    "P11GRID_APP_TOKEN",
 )
 GRID_PROCESS = "grid"
 IDP_PROCESS = "idp"
@@ -580,6 +581,16 @@ def _build(sandbox: Sandbox, say: Say) -> None:
                                                  softhsm_library))
     say(f"sandbox: wrote {sandbox.module_conf} (module config: keys in the grid, log "
         f"{sandbox.module_log}) and {sandbox.local_module_conf} (the token in-process)")
+    try:
+        sandbox_identity.issue_app(identity, iam.directory, module, sandbox.module_conf,
+                                   TOKEN_LABEL, pin)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as error:
+        raise SandboxError(f"identity layer (APP): {error}") from None
+    say(f"sandbox: the VM's identity certificate over its key in the grid "
+        f"({sandbox_identity.VM_SIGNING_KEY}, CSR signed through {module.name}) -> "
+        f"{identity.vm_signing_certificate}; APP identity "
+        f"spiffe://{sandbox_grid.TRUST_DOMAIN}/app/{sandbox_identity.APP_NAME} and its "
+        f"APP-Auth-Token, signed by the VM in the grid -> {identity.app_token}")
 
     ca.write_private_file(
         sandbox.openssl_conf, openssl_conf_text(sandbox, engine, module, pin).encode()
@@ -619,6 +630,7 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         "PCSCLITE_CSOCK_NAME": str(piv.socket),
         "P11GRID_VM_TOKEN": str(identity.vm_token),
         "P11GRID_IDP_URL": issuer,
+        "P11GRID_APP_TOKEN": str(identity.app_token),
     }
     assert tuple(variables) == ENV_NAMES
     ca.write_private_file(sandbox.env_file, _env_text(variables).encode())

@@ -63,6 +63,20 @@ class IdentityLayout:
         return self.directory / "vm-token.jwt"
 
     @property
+    def vm_signing_certificate(self) -> Path:
+        """The VM's identity certificate over its key in the grid (vm-ec): the key that
+        signs APP-Auth-Tokens, through our own module."""
+        return self.directory / "vm-signing.pem"
+
+    @property
+    def app_certificate(self) -> Path:
+        return self.directory / "app.pem"
+
+    @property
+    def app_token(self) -> Path:
+        return self.directory / "app-token.jwt"
+
+    @property
     def idp_config(self) -> Path:
         return self.directory / "idp.toml"
 
@@ -198,3 +212,26 @@ def module_identity_table(layout: IdentityLayout, ca_dir: Path, issuer: str,
             f"hv_key = {_toml(layout.hv_key_uri)}\n"
             f"hv_module = {_toml(str(softhsm_library))}\n"
             f"hv_environment = {{ SOFTHSM2_CONF = {_toml(str(layout.hv_softhsm_conf))} }}\n")
+
+
+APP_NAME = "web"
+VM_SIGNING_KEY = "vm-ec"
+
+
+def issue_app(layout: IdentityLayout, ca_dir: Path, module: Path, module_conf: Path,
+              token_label: str, pin: str) -> None:
+    """One layer up: the VM's own identity certificate over its key in the grid (the CA
+    certifies a CSR the VM signed through libp11grid.so), an APP identity, and the
+    APP-Auth-Token the VM signs for it with that key, never outliving the VM token."""
+    key_uri = f"pkcs11:token={token_label};object={VM_SIGNING_KEY}"
+    through_module = ("--module", str(module), "--pin", pin, "--env",
+                      f"P11GRID_CONF={module_conf}")
+    _p11grid("ca", "issue", "--ca-dir", str(ca_dir), "--kind", "vm", "--name", "vm-1",
+             "--key-uri", key_uri, *through_module, "--out", str(layout.vm_signing_certificate))
+    _p11grid("ca", "issue", "--ca-dir", str(ca_dir), "--kind", "app", "--name", APP_NAME,
+             "--key-out", str(layout.directory / "app.key"), "--out",
+             str(layout.app_certificate))
+    _p11grid("token", "issue", "app", "--vm-key", key_uri, *through_module, "--vm-cert",
+             str(layout.vm_signing_certificate), "--app-cert", str(layout.app_certificate),
+             "--vm-token", str(layout.vm_token), "--audience", layout.sp, "--ttl", "1h",
+             "--out", str(layout.app_token))

@@ -59,6 +59,7 @@ EXPECTED_VARIABLES = (
     "PCSCLITE_CSOCK_NAME",
     "P11GRID_VM_TOKEN",
     "P11GRID_IDP_URL",
+    "P11GRID_APP_TOKEN",
 )
 KEYS = {"vm-rsa": b"\x01", "vm-ec": b"\x02"}
 P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER OID of prime256v1
@@ -223,6 +224,7 @@ def test_env_exports_every_variable(built: BuiltSandbox) -> None:
     assert stat.S_ISSOCK(Path(variables["PCSCLITE_CSOCK_NAME"]).stat().st_mode)
     assert variables["P11GRID_VM_TOKEN"] == str(directory / "identity" / "vm-token.jwt")
     assert re.fullmatch(r"https://127\.0\.0\.1:[0-9]+", variables["P11GRID_IDP_URL"])
+    assert variables["P11GRID_APP_TOKEN"] == str(directory / "identity" / "app-token.jwt")
 
 
 def test_identity_chain_is_live(built: BuiltSandbox) -> None:
@@ -248,6 +250,13 @@ def test_identity_chain_is_live(built: BuiltSandbox) -> None:
                           "spiffe://p11grid.sandbox/sp/grid", "--cert",
                           built.directory / "grid" / "vm.pem")
     assert verdict.returncode == 0 and "verdict: valid" in verdict.stdout, verdict.stdout
+    # One layer up: the APP token, signed by the VM's key in the grid, inside its VM token.
+    app = run_command("token", "verify", variables["P11GRID_APP_TOKEN"], "--ca-dir",
+                      built.directory / "ca", "--audience", "spiffe://p11grid.sandbox/sp/grid",
+                      "--vm-token", token_file, "--cert",
+                      built.directory / "identity" / "app.pem",
+                      "--issuer", "spiffe://p11grid.sandbox/vm/vm-1")
+    assert app.returncode == 0 and "PASS  within vm token" in app.stdout, app.stdout
 
     def list_private_objects() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
