@@ -8,11 +8,20 @@
  * one JSON line on stdout.  Errors (any return value other than CKR_OK) are counted
  * and each distinct code is reported once on stderr.
  *
+ * --cold instead measures a cold start in this fresh process: the wall time from just
+ * before C_Initialize to the return of the first successful C_Sign (slot lookup,
+ * C_OpenSession, C_Login, C_FindObjects and C_SignInit included), each step's share,
+ * and then the latency of --next more signatures on the now open session.  A failure
+ * before the last signature is fatal (exit 1, no JSON line): a cold start works or not;
+ * teardown failures are counted in "errors" as in a steady-state run.
+ *
  * Build: cc -O2 -Wall -Wextra -Werror -pthread -I/usr/include/p11-kit-1 \
  *           -o p11bench p11bench.c -ldl
  *
  * Usage: p11bench --module PATH --token LABEL --pin PIN --key LABEL --mech rsa|ec
  *                 [--threads N] [--seconds S] [--warmup S] [--max-ops N]
+ *        p11bench --cold [--next N] --module PATH --token LABEL --pin PIN --key LABEL
+ *                 --mech rsa|ec
  *
  * Exit status: 0 when the run completed (errors, if any, are in the JSON line),
  * 2 on bad usage, 1 when setup failed (no JSON line is printed then).
@@ -60,6 +69,8 @@ struct options {
     double seconds;
     double warmup;
     long max_ops;
+    int cold;   /* measure the cold start instead of a steady-state run */
+    long next;  /* --cold: signatures timed after the first one */
 };
 
 struct worker {
@@ -124,7 +135,9 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: p11bench --module PATH --token LABEL --pin PIN --key LABEL --mech rsa|ec\n"
-            "                [--threads N] [--seconds S] [--warmup S] [--max-ops N]\n");
+            "                [--threads N] [--seconds S] [--warmup S] [--max-ops N]\n"
+            "       p11bench --cold [--next N] --module PATH --token LABEL --pin PIN\n"
+            "                --key LABEL --mech rsa|ec\n");
     exit(2);
 }
 
@@ -158,9 +171,14 @@ static void parse_args(int argc, char **argv, struct options *o)
     o->seconds = 3.0;
     o->warmup = 0.3;
     o->max_ops = 1000000;
+    o->next = 20;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = (i + 1 < argc) ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--cold")) {  /* the only option without a value */
+            o->cold = 1;
+            continue;
+        }
         if (!v)
             usage();
         if (!strcmp(a, "--module"))
@@ -181,6 +199,8 @@ static void parse_args(int argc, char **argv, struct options *o)
             o->warmup = parse_double(v, 0.0, 60.0);
         else if (!strcmp(a, "--max-ops"))
             o->max_ops = parse_long(v, 1, 100000000);
+        else if (!strcmp(a, "--next"))
+            o->next = parse_long(v, 0, 100000);
         else
             usage();
         i++;
@@ -361,6 +381,106 @@ static void print_json_string(const char *s)
     putchar('"');
 }
 
+static double ms_between(uint64_t from, uint64_t to)
+{
+    return (double)(to - from) / 1e6;
+}
+
+/* --cold: one cold start in this process, then --next signatures on its session. */
+static int cold_start(const struct options *o, double dlopen_ms)
+{
+    CK_C_INITIALIZE_ARGS init_args;
+    CK_SESSION_HANDLE session;
+    CK_OBJECT_HANDLE key;
+    CK_SLOT_ID slot;
+    CK_BYTE sig[SIG_BUF_MAX];
+    CK_ULONG len = sizeof(sig);
+    uint64_t t[8], t0, *lat;
+    long i, errors = 0;
+    CK_RV rv;
+
+    lat = calloc((size_t)(o->next > 0 ? o->next : 1), sizeof(uint64_t));
+    if (!lat) {
+        fprintf(stderr, "p11bench: out of memory\n");
+        return 1;
+    }
+    memset(&init_args, 0, sizeof(init_args));
+    init_args.flags = CKF_OS_LOCKING_OK;
+
+    t[0] = now_ns();
+    rv = p11->C_Initialize(&init_args);
+    if (rv != CKR_OK)
+        die_rv("C_Initialize", rv);
+    t[1] = now_ns();
+    slot = find_slot(o->token);
+    t[2] = now_ns();
+    rv = p11->C_OpenSession(slot, CKF_SERIAL_SESSION, NULL, NULL, &session);
+    if (rv != CKR_OK)
+        die_rv("C_OpenSession", rv);
+    t[3] = now_ns();
+    rv = p11->C_Login(session, CKU_USER, (CK_UTF8CHAR_PTR)o->pin, (CK_ULONG)strlen(o->pin));
+    if (rv != CKR_OK)
+        die_rv("C_Login", rv);
+    t[4] = now_ns();
+    key = find_key(session, o->key);
+    t[5] = now_ns();
+    rv = p11->C_SignInit(session, &mechanism, key);
+    if (rv != CKR_OK)
+        die_rv("C_SignInit", rv);
+    t[6] = now_ns();
+    /* No length query: the buffer is large enough, as a caller that knows its key does. */
+    rv = p11->C_Sign(session, (CK_BYTE_PTR)sign_data, sign_data_len, sig, &len);
+    if (rv != CKR_OK)
+        die_rv("C_Sign", rv);
+    t[7] = now_ns();
+
+    /* What an operation costs once the session is open, in the same process. */
+    for (i = 0; i < o->next; i++) {
+        len = sizeof(sig);
+        t0 = now_ns();
+        rv = p11->C_SignInit(session, &mechanism, key);
+        if (rv == CKR_OK)
+            rv = p11->C_Sign(session, (CK_BYTE_PTR)sign_data, sign_data_len, sig, &len);
+        if (rv != CKR_OK)
+            die_rv("C_SignInit/C_Sign (after the first)", rv);
+        lat[i] = now_ns() - t0;
+    }
+    qsort(lat, (size_t)o->next, sizeof(uint64_t), cmp_u64);
+
+    rv = p11->C_Logout(session);
+    if (rv != CKR_OK) {
+        report_error("C_Logout", rv);
+        errors++;
+    }
+    rv = p11->C_CloseSession(session);
+    if (rv != CKR_OK) {
+        report_error("C_CloseSession", rv);
+        errors++;
+    }
+    rv = p11->C_Finalize(NULL);
+    if (rv != CKR_OK) {
+        report_error("C_Finalize", rv);
+        errors++;
+    }
+
+    printf("{\"mode\": \"cold\", \"module\": ");
+    print_json_string(o->module);
+    printf(", \"mech\": ");
+    print_json_string(o->mech);
+    printf(", \"dlopen_ms\": %.3f, \"initialize_ms\": %.3f, \"slot_ms\": %.3f"
+           ", \"open_session_ms\": %.3f, \"login_ms\": %.3f, \"find_key_ms\": %.3f"
+           ", \"sign_init_ms\": %.3f, \"sign_ms\": %.3f, \"cold_ms\": %.3f"
+           ", \"next_ops\": %ld, \"next_p50_us\": %.1f, \"next_max_us\": %.1f"
+           ", \"errors\": %ld}\n",
+           dlopen_ms, ms_between(t[0], t[1]), ms_between(t[1], t[2]), ms_between(t[2], t[3]),
+           ms_between(t[3], t[4]), ms_between(t[4], t[5]), ms_between(t[5], t[6]),
+           ms_between(t[6], t[7]), ms_between(t[0], t[7]), o->next,
+           percentile_us(lat, o->next, 50.0), percentile_us(lat, o->next, 100.0), errors);
+    fflush(stdout);
+    free(lat);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     struct options o;
@@ -374,6 +494,7 @@ int main(int argc, char **argv)
     long per_thread, total_ops = 0, total_errors = 0, k;
     uint64_t begin_ns = UINT64_MAX, end_ns = 0, *all;
     double elapsed;
+    uint64_t dlopen_start;
 
     parse_args(argc, argv, &o);
 
@@ -389,6 +510,7 @@ int main(int argc, char **argv)
     mechanism.pParameter = NULL;
     mechanism.ulParameterLen = 0;
 
+    dlopen_start = now_ns();
     lib = dlopen(o.module, RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
         fprintf(stderr, "p11bench: dlopen %s: %s\n", o.module, dlerror());
@@ -402,6 +524,8 @@ int main(int argc, char **argv)
     rv = get_list(&p11);
     if (rv != CKR_OK)
         die_rv("C_GetFunctionList", rv);
+    if (o.cold)  /* loading the library is reported apart: the target starts at C_Initialize */
+        return cold_start(&o, ms_between(dlopen_start, now_ns()));
 
     memset(&init_args, 0, sizeof(init_args));
     init_args.flags = CKF_OS_LOCKING_OK;

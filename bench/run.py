@@ -11,9 +11,15 @@ Steps:
      {direct SoftHSM, p11-kit remoting, libp11grid local, libp11grid -> grid} x {rsa, ec}
      x {1, 2 threads}, the four modules of a configuration back to back in a rotating
      order, repeating every configuration, then take the median per configuration;
-  5. stop the p11-kit server, bring the sandbox down and write docs/BENCHMARKS.md with the
-     figures, the ratios, the latency each path adds to the direct token, and PASS/MISS
-     per target.
+  5. cold start: `p11bench --cold`, a fresh process per run, `--cold-runs` times per module
+     (grid with the identity gate; local, direct and p11-kit for reference), timing
+     C_Initialize to the first signature and each step between;
+  6. requests per signature: fresh grid-path processes signing exactly N times (200, 2000,
+     and 2000 on 2 threads), counting the grid's audit lines, the OpenID provider's token
+     requests and the host's connect()s (strace, when usable) that each run caused;
+  7. stop the p11-kit server, bring the sandbox down and write docs/BENCHMARKS.md with the
+     figures, the ratios, the latency each path adds to the direct token, the cold starts,
+     the counted requests, and PASS/MISS per target.
 
 Exit status: 0 when every run succeeded without errors (missed targets are reported, not
 fatal); 1 when any run failed or reported errors; 2 when setup (compile, sandbox, p11-kit
@@ -37,12 +43,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+import tomllib
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "bench" / "p11bench.c"
@@ -428,30 +437,43 @@ def child_env(box: Sandbox, module: str) -> dict[str, str]:
     return env
 
 
-def run_one(box: Sandbox, config: Config, seconds: float, warmup: float) -> RunResult:
-    cmd = bench_command(box, config, seconds, warmup)
+class RunFailed(Exception):
+    """A p11bench process failed or printed no result; the message says how."""
+
+
+def run_p11bench(cmd: Sequence[str], env: Mapping[str, str], timeout: float) -> dict[str, Any]:
+    """Run one p11bench process and return its JSON result line, parsed."""
     try:
         proc = subprocess.run(
-            cmd,
-            check=False,
-            capture_output=True,
-            text=True,
-            env=child_env(box, config.module),
-            timeout=seconds + warmup + 60,
+            list(cmd), check=False, capture_output=True, text=True, env=dict(env), timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        return RunResult(config, ok=False, detail="timed out")
+        raise RunFailed("timed out") from None
     stderr = proc.stderr.strip()
     if proc.returncode != 0:
         last = stderr.splitlines()[-1] if stderr else "no message"
-        return RunResult(config, ok=False, detail=f"exit {proc.returncode}: {last}")
+        raise RunFailed(f"exit {proc.returncode}: {last}")
     for line in stderr.splitlines():
         log(f"  | {line}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if not lines:
-        return RunResult(config, ok=False, detail="no JSON result line")
+        raise RunFailed("no JSON result line")
     try:
         data = json.loads(lines[-1])
+    except ValueError as exc:
+        raise RunFailed(f"bad JSON result: {exc}: {lines[-1]}") from None
+    if not isinstance(data, dict):
+        raise RunFailed(f"bad JSON result: {lines[-1]}")
+    return data
+
+
+def run_one(box: Sandbox, config: Config, seconds: float, warmup: float) -> RunResult:
+    cmd = bench_command(box, config, seconds, warmup)
+    try:
+        data = run_p11bench(cmd, child_env(box, config.module), seconds + warmup + 60)
+    except RunFailed as exc:
+        return RunResult(config, ok=False, detail=str(exc))
+    try:
         return RunResult(
             config,
             ok=True,
@@ -463,7 +485,7 @@ def run_one(box: Sandbox, config: Config, seconds: float, warmup: float) -> RunR
             errors=int(data["errors"]),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        return RunResult(config, ok=False, detail=f"bad JSON result: {exc}: {lines[-1]}")
+        return RunResult(config, ok=False, detail=f"bad JSON result: {exc}: {data}")
 
 
 def schedule(repeats: int) -> list[Config]:
@@ -493,6 +515,314 @@ def run_all(box: Sandbox, repeats: int, seconds: float, warmup: float) -> dict[C
             status = f"FAILED ({result.detail})"
         log(f"[{index:2d}/{len(plan)}] {config.describe()}  {status}")
     return {config: Summary(config, tuple(runs)) for config, runs in results.items()}
+
+
+# --- cold start -------------------------------------------------------------------------
+
+# Issue 4: a fresh process from C_Initialize to its first signature, through the grid with
+# the identity gate; the other modules for reference.
+COLD_MODULES = ("grid", "local", "direct", "p11kit")
+COLD_MECH = "ec"
+COLD_NEXT = 20  # signatures timed after the first, in the same process
+COLD_TARGET_S = 0.3
+# p11bench --cold's figures (ms), in call order; cold_ms is C_Initialize to the first C_Sign.
+COLD_PHASES = (
+    ("initialize_ms", "C_Initialize"),
+    ("slot_ms", "slot lookup"),
+    ("open_session_ms", "C_OpenSession"),
+    ("login_ms", "C_Login"),
+    ("find_key_ms", "find key"),
+    ("sign_init_ms", "C_SignInit"),
+    ("sign_ms", "first C_Sign"),
+)
+COLD_FIGURES = ("dlopen_ms", *(name for name, _ in COLD_PHASES), "cold_ms", "next_p50_us")
+
+
+@dataclass(frozen=True)
+class ColdResult:
+    module: str
+    ok: bool
+    figures: Mapping[str, float]  # COLD_FIGURES, as p11bench printed them
+    errors: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ColdSummary:
+    module: str
+    runs: tuple[ColdResult, ...]
+
+    def values(self, name: str) -> list[float]:
+        return [r.figures[name] for r in self.runs if r.ok]
+
+    def median(self, name: str) -> float | None:
+        values = self.values(name)
+        return statistics.median(values) if values else None
+
+    def p90(self, name: str) -> float | None:
+        values = self.values(name)
+        return quantile(values, 0.9) if values else None
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.runs) and all(r.ok and r.errors == 0 for r in self.runs)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks: with 9 runs, p90 is not just the max."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def run_cold(box: Sandbox, module: str) -> ColdResult:
+    cmd = [
+        str(BINARY),
+        "--cold",
+        "--next",
+        str(COLD_NEXT),
+        "--module",
+        box.module_path(module),
+        "--token",
+        box.token(module),
+        "--pin",
+        box.pin,
+        "--key",
+        KEY_LABELS[COLD_MECH],
+        "--mech",
+        COLD_MECH,
+    ]
+    try:
+        data = run_p11bench(cmd, child_env(box, module), 60)
+        figures = {name: float(data[name]) for name in COLD_FIGURES}
+        return ColdResult(module, ok=True, figures=figures, errors=int(data["errors"]))
+    except RunFailed as exc:
+        return ColdResult(module, ok=False, figures={}, detail=str(exc))
+    except (ValueError, KeyError, TypeError) as exc:
+        return ColdResult(module, ok=False, figures={}, detail=f"bad JSON result: {exc}")
+
+
+def run_cold_all(box: Sandbox, runs: int) -> dict[str, ColdSummary]:
+    """`runs` fresh processes per module, the modules' order rotated by one each round."""
+    results: dict[str, list[ColdResult]] = {module: [] for module in COLD_MODULES}
+    total = runs * len(COLD_MODULES)
+    index = 0
+    for rep in range(runs):
+        shift = rep % len(COLD_MODULES)
+        for module in COLD_MODULES[shift:] + COLD_MODULES[:shift]:
+            index += 1
+            result = run_cold(box, module)
+            results[module].append(result)
+            if result.ok:
+                status = (
+                    f"cold {result.figures['cold_ms']:7.1f} ms  (C_Initialize"
+                    f" {result.figures['initialize_ms']:6.1f}, C_Login"
+                    f" {result.figures['login_ms']:6.1f})  errors {result.errors}"
+                )
+            else:
+                status = f"FAILED ({result.detail})"
+            log(f"[cold {index:2d}/{total}] {module:<7} {status}")
+    return {module: ColdSummary(module, tuple(runs)) for module, runs in results.items()}
+
+
+# --- requests per signature, counted ------------------------------------------------------
+
+# Issue 4: through the grid with the identity gate, (signatures, threads) per fresh process;
+# the first two differ only in N, which is what the verdict compares.
+COUNT_PLAN = ((200, 1), (2000, 1), (2000, 2))
+COUNT_MECH = "ec"
+LOG_SETTLE_S = 0.3  # the grid writes an audit line after its reply: wait for the last ones
+LOG_SETTLE_LIMIT_S = 5.0
+
+
+class LogTail:
+    """The lines a log file gains from now on (the sandbox's logs only grow)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.offset = self._size()
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size if self.path is not None else 0
+        except OSError:
+            return 0
+
+    def new_lines(self) -> list[str] | None:
+        """The lines written since, once the file stopped growing; None: no file to read."""
+        if self.path is None or not self.path.exists():
+            return None
+        size, stable_since = self._size(), time.monotonic()
+        give_up = stable_since + LOG_SETTLE_LIMIT_S
+        while time.monotonic() < give_up:
+            time.sleep(0.05)
+            now = self._size()
+            if now != size:
+                size, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= LOG_SETTLE_S:
+                break
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        self.offset += len(data)
+        return data.decode(errors="replace").splitlines()
+
+
+def audit_log_path(box: Sandbox) -> Path | None:
+    """The grid's audit log, from the grid service's own configuration."""
+    table = read_toml(box.env.get("P11GRID_GRID_CONF", "")).get("grid", {})
+    path = table.get("audit_log") if isinstance(table, dict) else None
+    return Path(path) if isinstance(path, str) else None
+
+
+def idp_log_path(box: Sandbox) -> Path | None:
+    """The OpenID provider's log, from its configuration in the sandbox (DIR/identity)."""
+    directory = box.env.get("P11GRID_SANDBOX")
+    if not directory:
+        return None
+    table = read_toml(str(Path(directory) / "identity" / "idp.toml")).get("idp", {})
+    path = table.get("log_file") if isinstance(table, dict) else None
+    return Path(path) if isinstance(path, str) else None
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text()) if path else {}
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+
+
+def identity_table(box: Sandbox) -> dict[str, Any] | None:
+    """The grid module configuration's [identity] table (None: no identity gate)."""
+    table = read_toml(box.env["P11GRID_CONF"]).get("identity")
+    return table if isinstance(table, dict) else None
+
+
+def audit_ops(lines: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Audit lines by operation, and how many of them did not end "ok"."""
+    ops: dict[str, int] = {}
+    refused = 0
+    for line in lines:
+        start = line.find("{")
+        try:
+            entry = json.loads(line[start:]) if start >= 0 else None
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            continue
+        op = str(entry.get("op", "?"))
+        ops[op] = ops.get(op, 0) + 1
+        refused += entry.get("result") != "ok"
+    return ops, refused
+
+
+def strace_works() -> bool:
+    """Whether strace can follow our children here (ptrace may be forbidden)."""
+    if shutil.which("strace") is None:
+        return False
+    probe = [*strace_prefix(Path("/dev/null")), "true"]
+    try:
+        return subprocess.run(probe, check=False, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def strace_prefix(output: Path) -> list[str]:
+    # Only connect(), filtered in the kernel: the counted run is not timed anyway.
+    return ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=connect", "-e",
+            "signal=none", "-o", str(output)]
+
+
+def connections_to(trace: Path, port: int | None) -> int | None:
+    """connect() calls to a loopback TCP port in an strace output (one per connection)."""
+    if port is None:
+        return None
+    try:
+        text = trace.read_text(errors="replace")
+    except OSError:
+        return None
+    return text.count(f"sin_port=htons({port}),")
+
+
+@dataclass(frozen=True)
+class CountResult:
+    signatures: int  # timed signatures asked for; each thread signs once more to size its buffer
+    threads: int
+    ok: bool
+    ops: Mapping[str, int]  # the grid's audit lines of this run, by operation
+    refused: int = 0  # audit lines of this run not ending "ok"
+    idp_tokens: int = 0  # token requests in the OpenID provider's log
+    idp_connections: int | None = None  # the host's connect()s to the provider (strace)
+    grid_connections: int | None = None  # ... and to the grid
+    detail: str = ""
+
+    @property
+    def signed(self) -> int:
+        return self.ops.get("sign", 0)
+
+    @property
+    def identity_requests(self) -> int:
+        """What the identity layer sent: `authorize` at the grid, token requests at the IdP."""
+        return self.ops.get("authorize", 0) + self.idp_tokens
+
+
+def run_count(box: Sandbox, signatures: int, threads: int, traced: bool) -> CountResult:
+    """One grid-path process signing exactly `signatures` times (no warm-up, no time bound);
+    what it caused, counted in the grid's audit log, the IdP's log and its connect()s."""
+    audit = LogTail(audit_log_path(box))
+    idp = LogTail(idp_log_path(box))
+    cmd = [
+        str(BINARY), "--module", box.module_path("grid"), "--token", box.token("grid"),
+        "--pin", box.pin, "--key", KEY_LABELS[COUNT_MECH], "--mech", COUNT_MECH,
+        "--threads", str(threads), "--warmup", "0", "--seconds", "600",
+        "--max-ops", str(signatures),
+    ]
+    with tempfile.TemporaryDirectory(prefix="p11grid-bench-count-") as tmp:
+        trace = Path(tmp) / "connect.trace"
+        try:
+            data = run_p11bench([*strace_prefix(trace), *cmd] if traced else cmd,
+                                child_env(box, "grid"), 300)
+            run_ok = int(data["errors"]) == 0 and int(data["ops"]) == signatures
+            detail = "" if run_ok else f"ops {data['ops']} of {signatures}, errors {data['errors']}"
+        except RunFailed as exc:
+            run_ok, detail = False, str(exc)
+        except (ValueError, KeyError, TypeError) as exc:
+            run_ok, detail = False, f"bad JSON result: {exc}"
+        idp_port = urllib.parse.urlsplit(box.env.get("P11GRID_IDP_URL", "")).port
+        grid_port = box.env["P11GRID_GRID_ADDR"].rpartition(":")[2]
+        idp_connections = connections_to(trace, idp_port) if traced else None
+        grid_connections = (
+            connections_to(trace, int(grid_port)) if traced and grid_port.isdigit() else None
+        )
+    audit_lines, idp_lines = audit.new_lines(), idp.new_lines()
+    if audit_lines is None or idp_lines is None:
+        missing = audit.path if audit_lines is None else idp.path
+        return CountResult(signatures, threads, ok=False, ops={},
+                           detail=f"no log to count in ({missing})")
+    ops, refused = audit_ops(audit_lines)
+    return CountResult(
+        signatures, threads, ok=run_ok, ops=ops, refused=refused,
+        idp_tokens=sum("token request from" in line for line in idp_lines),
+        idp_connections=idp_connections, grid_connections=grid_connections, detail=detail,
+    )
+
+
+def run_counts(box: Sandbox) -> list[CountResult]:
+    traced = strace_works()
+    if not traced:
+        log("strace is not usable here: connections to the IdP and the grid are not counted")
+    results = []
+    for index, (signatures, threads) in enumerate(COUNT_PLAN, start=1):
+        result = run_count(box, signatures, threads, traced)
+        results.append(result)
+        ops = ", ".join(f"{op} {n}" for op, n in sorted(result.ops.items()))
+        status = "" if result.ok else f"  FAILED ({result.detail})"
+        log(f"[count {index}/{len(COUNT_PLAN)}] grid    {signatures} signatures, {threads}"
+            f" thread(s): audit {ops or 'nothing'}; IdP token requests {result.idp_tokens};"
+            f" connections IdP {result.idp_connections}, grid {result.grid_connections}{status}")
+    return results
 
 
 # --- machine ------------------------------------------------------------------------------
@@ -631,16 +961,290 @@ def evaluate_targets(summaries: Mapping[Config, Summary]) -> list[Target]:
     return targets
 
 
+def fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def per_signature(count: int, result: CountResult) -> str:
+    return "n/a" if result.signed <= 0 else f"{count / result.signed:.4f}"
+
+
+def startup_targets(
+    cold: Mapping[str, ColdSummary], counts: Sequence[CountResult], identity: bool
+) -> list[Target]:
+    grid = cold["grid"]
+    median, p90 = grid.median("cold_ms"), grid.p90("cold_ms")
+    cold_target = Target(
+        f"Cold start, {MODULE_TITLES['grid']} with the identity gate"
+        f" ({MECH_TITLES[COLD_MECH]}): median `C_Initialize` → first `C_Sign`"
+        f" < {COLD_TARGET_S:g} s",
+        "n/a"
+        if median is None or p90 is None
+        else f"{median / 1000:.3f} s (p90 {p90 / 1000:.3f} s, {len(grid.values('cold_ms'))} runs)",
+        None if median is None else median < COLD_TARGET_S * 1000,
+    )
+    small, large = counts[0], counts[1]  # COUNT_PLAN: the same threads, N differs
+    description = (
+        f"Identity layer: no network round trip per signature (`authorize` + IdP token"
+        f" requests the same at {small.signatures:,} and {large.signatures:,} signatures;"
+        " counted)"
+    )
+    if not identity:
+        count_target = Target(description, "no `[identity]` in the module configuration", None)
+    elif not (small.ok and large.ok):
+        count_target = Target(description, "n/a (a counted run failed)", None)
+    else:
+        same = (
+            small.identity_requests == large.identity_requests
+            and small.idp_connections == large.idp_connections
+        )
+        connections = (
+            ""
+            if small.idp_connections is None or large.idp_connections is None
+            else f"; IdP connections {small.idp_connections} and {large.idp_connections}"
+        )
+        count_target = Target(
+            description,
+            f"{small.identity_requests} and {large.identity_requests} requests"
+            f" ({per_signature(small.identity_requests, small)} →"
+            f" {per_signature(large.identity_requests, large)} per signature){connections}",
+            same and small.ops.get("authorize", 0) >= 1,
+        )
+    return [cold_target, count_target]
+
+
+def identity_description(table: Mapping[str, Any] | None) -> str:
+    """How the configured gate gets its tokens, in a few words."""
+    if table is None:
+        return "none: the module configuration has no `[identity]` table"
+    token = (
+        "the VM-Auth-Token file `vm_token` (Option 2)"
+        if table.get("vm_token")
+        else "the VM-Auth-Token the provider recorded for `vm` (Option 1)"
+    )
+    auth = (
+        "`private_key_jwt` signed with the hypervisor's key inside its PKCS#11 token"
+        f" (in `{table.get('hv_module', '?')}`)"
+        if table.get("hv_key")
+        else "`tls_client_auth` with the hypervisor's key file"
+    )
+    return f"{token}, authenticated to the OpenID provider with {auth}"
+
+
+def gate_steps(table: Mapping[str, Any] | None) -> list[str]:
+    """Step 2 of the grid path's cold start: what the configured identity gate does."""
+    if table is None:
+        text = (
+            "2. No identity gate (no `[identity]` in the module configuration): the first"
+            " call that needs the element (`C_Login` here) goes straight to the grid."
+        )
+    else:
+        verify = (
+            "**verifies the VM-Auth-Token** (chain to the IAM root and its CRL, the"
+            " hypervisor's signature, audience, lifetime, `cnf` = this VM's certificate)"
+        )
+        second = (
+            "a **second TLS connection to the IdP** (the provider closes each connection"
+            " after its answer)"
+        )
+        auth = (
+            "loads the hypervisor's PKCS#11 library and logs in to its token, where the"
+            " client assertion (`private_key_jwt`) is **signed by the HV key**"
+            if table.get("hv_key")
+            else "authenticates with the hypervisor's certificate and key file in the TLS"
+            " handshake (`tls_client_auth`)"
+        )
+        if table.get("vm_token"):
+            exchange = (
+                f"{verify} before anything leaves the VM; {auth}; and exchanges the"
+                f" VM-Auth-Token for an access token (RFC 8693) over {second}"
+            )
+        else:
+            exchange = (
+                f"{auth}; asks over {second} for the VM-Auth-Token recorded for this VM,"
+                f" which comes with an access token; and {verify}"
+            )
+        text = (
+            "2. The first call that needs the element (`C_Login` here, or"
+            " `C_FindObjectsInit`) runs the **identity gate** first. It imports `idm` and"
+            " `cryptography`; fetches the provider's discovery document"
+            " (a **TLS handshake to the IdP** and an HTTPS GET); "
+            + exchange
+            + "."
+        )
+    return textwrap.wrap(text, width=88, subsequent_indent="   ")
+
+
+def cold_section(
+    cold: Mapping[str, ColdSummary], runs: int, table: Mapping[str, Any] | None
+) -> list[str]:
+    lines = [
+        "",
+        "## Cold start: `C_Initialize` to the first signature",
+        "",
+        f"Each run is a fresh `p11bench --cold` process ({MECH_TITLES[COLD_MECH]}, one",
+        "session): the wall time from just before `C_Initialize` to the return of the first",
+        "successful `C_Sign`, through the slot lookup (`C_GetSlotList`, `C_GetTokenInfo`),",
+        "`C_OpenSession`, `C_Login` as user, finding the key (`C_FindObjects*`) and",
+        "`C_SignInit`; the first `C_Sign` goes into a buffer large enough (no length query).",
+        "Loading the library (`dlopen`) is shown apart and not included. The process then",
+        f"signs {COLD_NEXT} more times on its open session: **next signature p50** is what",
+        "an operation costs once the session is open (the steady-state tables above measure",
+        f"the same over seconds). {runs} processes per module, the modules' order rotated by",
+        "one place each round; the grid service, the OpenID provider and the p11-kit server",
+        "are already running, and the files are in the page cache. p90 interpolates between",
+        "the closest ranks.",
+        "",
+        "| Module | median ms | p90 ms | min-max ms | next signature p50 µs | ms of each run |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for module in COLD_MODULES:
+        summary = cold[module]
+        values = summary.values("cold_ms")
+        spread = f"{min(values):,.1f}-{max(values):,.1f}" if values else "n/a"
+        each = ", ".join(
+            f"{r.figures['cold_ms']:,.0f}" if r.ok else "failed" for r in summary.runs
+        )
+        lines.append(
+            f"| {MODULE_TITLES[module]} | {fmt_ms(summary.median('cold_ms'))}"
+            f" | {fmt_ms(summary.p90('cold_ms'))} | {spread}"
+            f" | {fmt(summary.median('next_p50_us'))} | {each} |"
+        )
+    lines += [
+        "",
+        "Where the time goes (median ms of each step; the steps add up to the cold start):",
+        "",
+        "| Module | `dlopen` (not counted) | "
+        + " | ".join(title for _, title in COLD_PHASES)
+        + " |",
+        "|---|" + "---:|" * (len(COLD_PHASES) + 1),
+    ]
+    for module in COLD_MODULES:
+        summary = cold[module]
+        cells = [fmt_ms(summary.median(name)) for name, _ in COLD_PHASES]
+        lines.append(
+            f"| {MODULE_TITLES[module]} | {fmt_ms(summary.median('dlopen_ms'))}"
+            f" | {' | '.join(cells)} |"
+        )
+    lines += [
+        "",
+        "What the grid path does before its first signature:",
+        "",
+        "1. `C_Initialize` starts the module's embedded Python interpreter, imports the",
+        "   provider and reads `P11GRID_CONF`; nothing goes over the network (the local",
+        "   path pays the same).",
+        *gate_steps(table),
+        "3. Then the grid: a **mutual-TLS 1.3 handshake** with the VM's certificate (the",
+        "   connection then stays in the pool), `authorize` with the access token and the",
+        "   VM-Auth-Token (the grid checks the three elements itself, against the provider's",
+        "   JWKS it already holds: no call to the IdP), `objects` (the element's public",
+        "   objects and mechanisms, cached by the module) and `login` (the element's user",
+        "   login, behind the grid's own PIN check).",
+        "4. Finding the key and `C_SignInit` are answered from the module's cache; the first",
+        "   `C_Sign` is one `sign` request on the pooled connection.",
+        "",
+        "The reference rows: libp11grid local pays step 1 and a `C_Login` on SoftHSM2",
+        "in-process; SoftHSM2 direct is the token alone; p11-kit's client connects to the",
+        "server's unix socket, whose server starts a `p11-kit-remote` that loads SoftHSM2.",
+    ]
+    return lines
+
+
+def counts_section(counts: Sequence[CountResult], identity: bool) -> list[str]:
+    gate = "with the identity gate" if identity else "without an identity gate (no `[identity]`)"
+    intro = (
+        f"Each row is one fresh `p11bench` process on {MODULE_TITLES['grid']} {gate},"
+        f" {MECH_TITLES[COUNT_MECH]}, no warm-up and no time bound: exactly N signatures,"
+        " plus one per thread that sizes its buffer. Counted for that process: the grid's"
+        " audit lines (one per request; `objects`, fetched once when the element opens, is"
+        " not audited), the token requests in the OpenID provider's log, and the host"
+        " process's `connect()` calls (`strace -e trace=connect`) to the provider (each one"
+        " HTTPS request: discovery or token) and to the grid (its connections are pooled"
+        " and persistent). **Identity requests** are `authorize` plus the IdP token"
+        " requests; per signature divides by the `sign` lines."
+    )
+    lines = [
+        "",
+        "## Requests per signature through the grid (counted, not timed)",
+        "",
+        *textwrap.wrap(intro, width=88),
+        "",
+        "| N | threads | `sign` | `authorize` | `login` | other audited | IdP token requests"
+        " | connections IdP / grid | identity requests | identity requests per signature"
+        " | grid requests per signature |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for result in counts:
+        others = ", ".join(
+            f"{op} {n}"
+            for op, n in sorted(result.ops.items())
+            if op not in ("sign", "authorize", "login")
+        )
+        connections = (
+            "n/a"
+            if result.idp_connections is None or result.grid_connections is None
+            else f"{result.idp_connections} / {result.grid_connections}"
+        )
+        failed = "" if result.ok else f" (failed: {result.detail})"
+        lines.append(
+            f"| {result.signatures:,}{failed} | {result.threads} | {result.signed:,}"
+            f" | {result.ops.get('authorize', 0)} | {result.ops.get('login', 0)}"
+            f" | {others or 'none'} | {result.idp_tokens} | {connections}"
+            f" | {result.identity_requests} | {per_signature(result.identity_requests, result)}"
+            f" | {per_signature(sum(result.ops.values()), result)} |"
+        )
+    refused = sum(result.refused for result in counts)
+    if refused:
+        lines += ["", f"**{refused} audit line(s) did not end `ok`**: see the grid's audit log."]
+    measured = "; ".join(
+        f"{r.identity_requests} at N = {r.signatures:,} on {r.threads} thread(s)" for r in counts
+    )
+    closing = (
+        "By design the identity layer's requests are made when an element is first reached,"
+        " once per process and element (the sessions of all threads share its"
+        " authorization), and again only shortly before that authorization ends (with the"
+        " first of its tokens), whatever the signing rate: per signature they tend to 0, and"
+        f" each signature is one `sign` request to the grid. Measured identity requests:"
+        f" {measured}. Target: the same identity requests (and IdP connections) for both N"
+        " at 1 thread."
+    )
+    return [*lines, "", *textwrap.wrap(closing, width=88)]
+
+
+def gate_text(table: Mapping[str, Any] | None, identity: str) -> list[str]:
+    """The grid path's identity gate, for "What is measured" (list item 4, indented)."""
+    if table is None:
+        text = f"**Identity gate**: {identity}."
+    else:
+        text = (
+            "**Identity gate**: the module configuration has an `[identity]` table, so"
+            " before its first request on an element (at the first `C_Login` or"
+            " `C_FindObjectsInit`) the module verifies the sandbox's VM-Auth-Token, gets an"
+            " access token for the grid from the sandbox's OpenID provider (`p11grid idp"
+            " serve`, HTTPS on loopback) and presents both to the grid's `authorize`; every"
+            " later request carries that authorization, renewed shortly before it ends."
+            f" Tokens: {identity}. In the steady-state runs this happens during setup,"
+            " outside the timed window; its cost is in **Cold start** and its requests in"
+            " **Requests per signature**."
+        )
+    return textwrap.wrap(text, width=88, initial_indent="   ", subsequent_indent="   ")
+
+
 def render_report(
     summaries: Mapping[Config, Summary],
+    cold: Mapping[str, ColdSummary],
+    counts: Sequence[CountResult],
+    table: Mapping[str, Any] | None,
     box: Sandbox,
     repeats: int,
     seconds: float,
     warmup: float,
+    cold_runs: int,
     started: dt.datetime,
     load_before: str,
 ) -> str:
     info = machine_info()
+    identity = identity_description(table)
     lines: list[str] = [
         "# Benchmarks",
         "",
@@ -650,7 +1254,9 @@ def render_report(
         "## What is measured",
         "",
         "Signing throughput and latency of four ways to reach the same SoftHSM2 token of a",
-        "fresh `p11grid sandbox` (keys `vm-rsa`, RSA-2048, and `vm-ec`, EC P-256):",
+        "fresh `p11grid sandbox` (keys `vm-rsa`, RSA-2048, and `vm-ec`, EC P-256), the time",
+        "a fresh process takes from `C_Initialize` to its first signature, and the requests",
+        "each signature causes through the grid, counted:",
         "",
         "1. **SoftHSM2 direct**: `libsofthsm2.so` loaded by the host, the baseline;",
         "2. **p11-kit remoting**: `p11-kit-client.so` in the host, talking p11-kit's RPC",
@@ -671,13 +1277,15 @@ def render_report(
         "   signs with SoftHSM2 in its own process. While a request is the host's only",
         "   one in flight, the client polls for its reply for up to `spin_us` (1000 µs)",
         "   before sleeping (`docs/grid-protocol.md`).",
+        *gate_text(table, identity),
         "",
         "- Host: `bench/p11bench.c`, a C program that `dlopen`s one module per process",
         "  (two modules never share a process), calls `C_Initialize` with",
         "  `CKF_OS_LOCKING_OK`, opens one `CKF_SERIAL_SESSION` per thread, logs in as user",
-        "  and finds the private key by `CKA_LABEL`. Every run uses the system OpenSSL",
-        "  configuration (the sandbox's `OPENSSL_CONF`, which loads an engine on",
-        "  libp11grid, is passed neither to the host nor to the p11-kit server).",
+        "  (on the grid path, where the identity gate runs) and finds the private key by",
+        "  `CKA_LABEL`; `--cold` times that start instead (below). Every run uses the",
+        "  system OpenSSL configuration (the sandbox's `OPENSSL_CONF`, which loads an engine",
+        "  on libp11grid, is passed neither to the host nor to the p11-kit server).",
         "- One operation is `C_SignInit` + `C_Sign` into a buffer sized once up front:",
         "  `CKM_RSA_PKCS` over a fixed 51-byte SHA-256 DigestInfo, or `CKM_ECDSA` over a",
         "  fixed 32-byte hash.",
@@ -690,11 +1298,15 @@ def render_report(
         "  that machine noise affects all columns alike.",
         "- The two server processes (p11-kit's and the grid service) run on the same 2",
         "  cores as the host: a remote path's throughput includes the server's CPU time.",
+        f"- After the steady-state runs: {cold_runs} cold starts per module (fresh processes,",
+        f"  {MECH_TITLES[COLD_MECH]}), then {len(COUNT_PLAN)} counted runs through the grid",
+        "  (see their sections for the method).",
         "",
         "**Quote the ratios, not the absolute figures**: absolute ops/s and latencies",
         "depend on the machine and its load; the ratios are what the targets are about.",
         "",
-        "Options: `bench/run.py --seconds S --repeats N` for longer or more runs;",
+        "Options: `bench/run.py --seconds S --repeats N` for longer or more runs,",
+        "`--cold-runs N` for more cold starts;",
         "`bench/run.py --profile [--profile-module local|grid]` runs the ECDSA 1-thread",
         "case once under `py-spy` (if installed) and writes `build/bench/profile-host.svg`",
         "(and `profile-grid.svg`, the grid service) instead.",
@@ -777,6 +1389,8 @@ def render_report(
             two = summaries[Config(module, mech, 2)].median("ops_per_s")
             cells.append("n/a" if one is None or two is None or one <= 0 else f"{two / one:.2f}x")
         lines.append(f"| {MECH_TITLES[mech]} | {' | '.join(cells)} |")
+    lines += cold_section(cold, cold_runs, table)
+    lines += counts_section(counts, table is not None)
     lines += [
         "",
         "## Targets",
@@ -784,14 +1398,15 @@ def render_report(
         "| Target | Measured | Result |",
         "|---|---|---|",
     ]
-    lines += [
-        f"| {t.description} | {t.measured} | {t.verdict} |" for t in evaluate_targets(summaries)
-    ]
+    targets = [*evaluate_targets(summaries), *startup_targets(cold, counts, table is not None)]
+    lines += [f"| {t.description} | {t.measured} | {t.verdict} |" for t in targets]
     analysis = Path(__file__).with_name("analysis.md")
     if analysis.exists():
         lines += ["", *analysis.read_text().rstrip().splitlines()]
     failed = [s for s in summaries.values() if not s.complete]
-    if failed:
+    cold_failed = [s for s in cold.values() if not s.complete]
+    counts_failed = [c for c in counts if not c.ok]
+    if failed or cold_failed or counts_failed:
         lines += [
             "",
             "## Failed runs",
@@ -805,6 +1420,16 @@ def render_report(
                 if not run.ok or run.errors:
                     why = run.detail or f"{run.errors} error(s)"
                     lines.append(f"- {summary.config.describe().strip()}: {why}")
+        for cold_summary in cold_failed:
+            for cold_run in cold_summary.runs:
+                if not cold_run.ok or cold_run.errors:
+                    why = cold_run.detail or f"{cold_run.errors} error(s)"
+                    lines.append(f"- cold start, {cold_summary.module}: {why}")
+        for count in counts_failed:
+            lines.append(
+                f"- counted run, {count.signatures} signatures, {count.threads} thread(s):"
+                f" {count.detail}"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -921,6 +1546,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.3, help="warm-up seconds per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration")
     parser.add_argument(
+        "--cold-runs", type=int, default=9, help="cold-start processes per module (default: 9)"
+    )
+    parser.add_argument(
         "--p11grid",
         type=Path,
         default=DEFAULT_P11GRID,
@@ -945,8 +1573,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seconds is None:
         args.seconds = 5.0 if args.profile else 2.0
-    if args.repeats < 1 or args.seconds <= 0 or args.warmup < 0:
-        parser.error("--repeats must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.repeats < 1 or args.cold_runs < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--repeats and --cold-runs must be >= 1, --seconds > 0, --warmup >= 0")
     return args
 
 
@@ -961,8 +1589,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return profile(sandbox_box, args.profile_module, args.seconds, args.warmup)
             with p11kit_server(sandbox_box) as box:
                 summaries = run_all(box, args.repeats, args.seconds, args.warmup)
+                cold = run_cold_all(box, args.cold_runs)
+                counts = run_counts(box)
+            # Read while the sandbox is up: the report and the verdicts below need it.
+            table = identity_table(box)
             report = render_report(
-                summaries, box, args.repeats, args.seconds, args.warmup, started, load_before
+                summaries,
+                cold,
+                counts,
+                table,
+                box,
+                args.repeats,
+                args.seconds,
+                args.warmup,
+                args.cold_runs,
+                started,
+                load_before,
             )
     except SetupError as exc:
         log(f"setup failed: {exc}")
@@ -970,9 +1612,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report)
     log(f"wrote {args.output}")
-    for target in evaluate_targets(summaries):
+    for target in [*evaluate_targets(summaries), *startup_targets(cold, counts, table is not None)]:
         log(f"{target.verdict:4}  {target.description}: {target.measured}")
-    if not all(summary.complete for summary in summaries.values()):
+    if not (
+        all(summary.complete for summary in summaries.values())
+        and all(summary.complete for summary in cold.values())
+        and all(count.ok for count in counts)
+    ):
         log("some runs failed or reported errors")
         return 1
     return 0

@@ -45,7 +45,7 @@ def _parameters(parameters: MechanismParameters) -> Any:
     return None
 
 
-RENEW_MARGIN = 30.0  # seconds before an authorization ends that a new one is fetched
+RENEW_MARGIN = 30.0  # seconds before an authorization ends that a new one is fetched, at most
 
 
 class RemoteElement:
@@ -55,7 +55,7 @@ class RemoteElement:
         self.seid = seid
         self._authorizer = authorizer
         self._authorization: str | None = None
-        self._authorized_until = 0.0
+        self._renew_at = 0.0
         self._authorizing = threading.Lock()
         self._public: list[ElementObject] | None = None
         self._private: list[ElementObject] = []
@@ -69,7 +69,10 @@ class RemoteElement:
         tokens = self._authorizer()
         reply = self.pool.call("authorize", {"seid": self.seid, **tokens}, idempotent=False)
         self._authorization = str(reply["authorization"])
-        self._authorized_until = float(reply.get("expires", 0))
+        expires = float(reply.get("expires", 0))
+        # Renew ahead of the end, by a quarter of the lifetime at most (short-lived
+        # access tokens must not make every request an authorization).
+        self._renew_at = expires - min(RENEW_MARGIN, max(expires - time.time(), 0) / 4)
         return self._authorization
 
     def _call(self, operation: str, arguments: dict[str, Any], *, idempotent: bool,
@@ -80,7 +83,7 @@ class RemoteElement:
             if self._authorizer is not None:
                 with self._authorizing:
                     handle = self._authorization
-                    if handle is None or time.time() > self._authorized_until - RENEW_MARGIN:
+                    if handle is None or time.time() > self._renew_at:
                         handle = self._authorize()
                 arguments = {**arguments, "authorization": handle}
             try:
