@@ -529,8 +529,8 @@ def test_nginx_serves_tls_with_token_keys(built: BuiltSandbox) -> None:
     finally:
         status = nginx.stop(server)
     assert status == 0
-    assert [p["name"] for p in sandbox.read_state(built.directory)["processes"]] == \
-        ["piv", "idp", "grid"]
+    assert sorted(p["name"] for p in sandbox.read_state(built.directory)["processes"]) == \
+        ["grid", "idp", "piv"]
 
 
 # --- refusing, and tearing down --------------------------------------------------------
@@ -652,3 +652,55 @@ def test_up_refuses_a_path_that_configs_cannot_hold(tmp_path: Path) -> None:
     assert refused.returncode != 0
     assert "use a path of" in refused.stderr
     assert not (tmp_path / "two words").exists()
+
+
+def test_tokens_renew_across_expiry_during_a_long_nginx_run(built: BuiltSandbox) -> None:
+    """Access tokens of 4 s (the provider restarted with that lifetime): nginx keeps
+    serving for ~12 s while the module renews its authorization ahead of each expiry,
+    without the application noticing; renewals are amortized, not one per signature."""
+    import json
+    import time as clock
+
+    directory = built.directory
+    identity = directory / "identity"
+    state = sandbox.read_state(directory)
+    (entry,) = [p for p in state["processes"] if p["name"] == "idp"]
+    sandbox.stop_process(entry, lambda line: None)
+    config = identity / "idp.toml"
+    config.write_text(config.read_text() + "access_token_lifetime = 4\n")
+    started_at = (identity / "idp.out").stat().st_size
+    with open(identity / "idp.out", "ab") as output:
+        idp = subprocess.Popen([sys.executable, "-m", "p11grid", "idp", "serve", "--config",
+                                str(config)], stdout=output, stderr=output,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    sandbox.record_process(directory, "idp", idp.pid, process_group=idp.pid)
+    deadline = clock.monotonic() + 30
+    while "serving" not in (identity / "idp.out").read_bytes()[started_at:].decode():
+        assert clock.monotonic() < deadline, "the provider did not come back"
+        clock.sleep(0.1)
+    audit = directory / "grid" / "audit.log"
+    before = len(audit.read_text().splitlines())
+    server = nginx.start(directory)
+    try:
+        client_environment = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
+        served = 0
+        finish = clock.monotonic() + 12
+        while clock.monotonic() < finish:
+            fetched = subprocess.run(
+                ["curl", "-sS", "--max-time", "20", "--cacert", built.variables["P11GRID_CA"],
+                 server.url("vm-ec")], capture_output=True, text=True,
+                env=client_environment, timeout=60)
+            assert fetched.returncode == 0, fetched.stderr + nginx.tail(server.error_log)
+            served += 1
+            clock.sleep(0.2)
+    finally:
+        assert nginx.stop(server) == 0
+    records = [json.loads(line.split(" ", 2)[2])
+               for line in audit.read_text().splitlines()[before:] if line.strip()]
+    signs = [r for r in records if r["op"] == "sign" and r["seid"] == "vm-se"]
+    authorizations = [r for r in records if r["op"] == "authorize" and r["seid"] == "vm-se"]
+    assert all(r["result"] == "ok" for r in signs + authorizations)
+    assert len(signs) >= served
+    # Master and 2 workers authorize once each, then renew every ~3 s (of 4 s) while busy.
+    assert len(authorizations) >= 6, len(authorizations)
+    assert len(authorizations) < len(signs) / 2, (len(authorizations), len(signs))
