@@ -12,6 +12,8 @@ Format, version 1 (all integers big-endian, no padding between fields):
     4       1     version  0x01
     5       1     header algorithm id  1 = rsa-oaep-sha256 (MGF1-SHA256, empty label)
                                        2 = rsa-pkcs1v15 (compatibility mode only)
+                                       3 = rsa-oaep-sha1 (MGF1-SHA1, empty label: for HV
+                                           elements whose OAEP is SHA-1 only, as SoftHSM2's)
     6       2     H = header length, 256..1024 (RSA 2048..8192 bits)
     8       H     header: a fresh 32-byte AES-256 key, encrypted to the HV public key
     8+H     16    IV, random
@@ -54,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-HeaderAlgorithm = Literal["rsa-oaep-sha256", "rsa-pkcs1v15"]
+HeaderAlgorithm = Literal["rsa-oaep-sha256", "rsa-pkcs1v15", "rsa-oaep-sha1"]
 TrailerAlgorithm = Literal["ecdsa-p256-sha256", "rsa-pss-sha256"]
 AuthorityPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 AuthorityPrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -73,7 +75,8 @@ AES_KEY_LEN: Final = 32
 IV_LEN: Final = 16
 BLOCK_LEN: Final = 16
 
-_HEADER_IDS: Final[dict[str, int]] = {"rsa-oaep-sha256": 1, "rsa-pkcs1v15": 2}
+_HEADER_IDS: Final[dict[str, int]] = {"rsa-oaep-sha256": 1, "rsa-pkcs1v15": 2,
+                                      "rsa-oaep-sha1": 3}
 _HEADER_NAMES: Final = {v: k for k, v in _HEADER_IDS.items()}
 _TRAILER_IDS: Final[dict[str, int]] = {"ecdsa-p256-sha256": 1, "rsa-pss-sha256": 2}
 _TRAILER_NAMES: Final = {v: k for k, v in _TRAILER_IDS.items()}
@@ -121,6 +124,9 @@ def _header_padding(header_algorithm: str) -> asym_padding.AsymmetricPadding:
     if header_algorithm == "rsa-oaep-sha256":
         return asym_padding.OAEP(mgf=asym_padding.MGF1(hashes.SHA256()),
                                  algorithm=hashes.SHA256(), label=None)
+    if header_algorithm == "rsa-oaep-sha1":
+        return asym_padding.OAEP(mgf=asym_padding.MGF1(hashes.SHA1()),
+                                 algorithm=hashes.SHA1(), label=None)
     if header_algorithm == "rsa-pkcs1v15":
         return asym_padding.PKCS1v15()
     raise ValueError(f"unknown header algorithm {header_algorithm!r}")
@@ -348,3 +354,13 @@ def unpack(container: bytes, hv: Unwrapper, authority_public_key: AuthorityPubli
         return unpadder.update(padded) + unpadder.finalize()
     except ValueError:
         raise ContainerRefused("body padding is invalid") from None
+
+
+def result_context(authorization: str, operation: str, data: bytes) -> bytes:
+    """What a grid result container is bound to (both ends compute it the same way): the
+    authorization it was made under, the operation, and a digest of that request's input,
+    so that a container cannot answer another request."""
+    import hashlib
+
+    return b"|".join([b"p11grid-result", authorization.encode(), operation.encode(),
+                      hashlib.sha256(data).digest()])

@@ -60,6 +60,10 @@ class GateRefused(Exception):
     """The module's own checks refuse to go on; the message says what to fix."""
 
 
+class ResultRefused(Exception):
+    """A result container from the grid did not open or verify: nothing is returned."""
+
+
 @dataclass(frozen=True)
 class GateSettings:
     audience: str  # the grid SP's identity
@@ -76,6 +80,7 @@ class GateSettings:
     hv_key_file: Path | None = None  # tls_client_auth: the hypervisor's key file
     max_token_lifetime: datetime.timedelta = DEFAULT_MAX_LIFETIME
     timeout: float = 5.0
+    result_authority: Path | None = None  # the grid's authority key (PEM public key or cert)
 
 
 class IdentityGate:
@@ -118,6 +123,41 @@ class IdentityGate:
                      "%s, valid %.0f s", report.subject, ", ".join(c.name for c in report.checks),
                      settings.audience, settings.idp, issued.expires_at - time.time())
             return {"access_token": issued.access_token, "vm_token": token}
+
+    def open_result(self, authorization: str, operation: str, data: bytes,
+                    container: bytes) -> bytes:
+        """A sealed result: the trailer verified with the grid's authority key, then the
+        key unwrapped by the hypervisor's key, then the body decrypted."""
+        from idm.container import ContainerRefused, SoftwareUnwrapper, result_context, unpack
+
+        settings = self.settings
+        with self._lock:
+            self._forked()
+            if settings.hv_key_file is not None:
+                from cryptography.hazmat.primitives import serialization
+
+                key = serialization.load_pem_private_key(settings.hv_key_file.read_bytes(),
+                                                         None)
+                unwrapper: Any = SoftwareUnwrapper(key)  # type: ignore[arg-type]
+            else:
+                unwrapper = self._signer or self._hv_signer()
+        try:
+            return unpack(container, unwrapper, self._authority_key(),
+                          result_context(authorization, operation, data))
+        except ContainerRefused as exc:
+            raise ResultRefused(f"the grid's {operation} result was refused: {exc}") from None
+
+    def _authority_key(self) -> Any:
+        path = self.settings.result_authority
+        if path is None:
+            raise ResultRefused("a sealed result arrived but [identity] result_authority is "
+                                "not set")
+        data = path.read_bytes()
+        if b"CERTIFICATE" in data:
+            return x509.load_pem_x509_certificate(data).public_key()
+        from cryptography.hazmat.primitives import serialization
+
+        return serialization.load_pem_public_key(data)
 
     @staticmethod
     def _read_token(path: Path) -> str:

@@ -525,6 +525,28 @@ class Pkcs11Signer:
                               f"{2 * self._algorithm.coordinate_size}")
         return signature
 
+    def decrypt(self, header_algorithm: str, wrapped_key: bytes) -> bytes:
+        """A result container's key, unwrapped by the RSA key in the token (idm.container's
+        Unwrapper): RSA-OAEP with SHA-256 or SHA-1."""
+        from pkcs11 import MGF, Mechanism
+        from pkcs11 import exceptions as errors
+
+        parameters = {"rsa-oaep-sha256": (Mechanism.SHA256, MGF.SHA256, None),
+                      "rsa-oaep-sha1": (Mechanism.SHA_1, MGF.SHA1, None)}.get(header_algorithm)
+        if parameters is None or self._algorithm is not _RS256:
+            raise SignerError(f"token {self.token_label!r}: cannot unwrap a "
+                              f"{header_algorithm} header with this key")
+        with self._lock:
+            if self._session is None:
+                raise SignerError("the signer is closed")
+            try:
+                return bytes(self._private_key.decrypt(wrapped_key,
+                                                       mechanism=Mechanism.RSA_PKCS_OAEP,
+                                                       mechanism_param=parameters))
+            except errors.PKCS11Error as exc:
+                raise SignerError(f"token {self.token_label!r}: unwrapping failed: "
+                                  f"{_describe(exc)}") from None
+
     def sign_jws(self, signing_input: bytes) -> bytes:
         """The JWS signature over `signing_input` (ASCII(header '.' payload)) for
         `jws_algorithm`: PKCS#1 v1.5 for RS256, fixed-length r||s for ES256/ES384."""
@@ -599,6 +621,10 @@ def generate_key_pair(module: Path, uri: Pkcs11Uri, pin: str, kind: str,
                         raise KeyExists(f"token {token.label!r} already holds a key with "
                                         f"{clash}; refusing to generate over it")
             capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
+            if kind == "rsa2048":
+                # An RSA hypervisor key also opens result containers sealed to it (the
+                # container's AES key, RSA-OAEP): decryption, never export.
+                capabilities |= MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
             private_template = {Attribute.TOKEN: True, Attribute.PRIVATE: True,
                                 Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
             public_template = {Attribute.TOKEN: True, Attribute.PRIVATE: False}

@@ -52,6 +52,8 @@ class Authorization:
     subject: Identity  # the VM (or APP) the session belongs to
     actors: tuple[Identity, ...]  # who vouched for it, nearest first (HV; or VM, HV)
     expires: datetime.datetime  # the session ends with the first token that does
+    # The hypervisor's certificate (from the VM token): result containers are sealed to it.
+    hypervisor_certificate: x509.Certificate | None = None
 
 
 class _Jwks:
@@ -117,6 +119,7 @@ class RelyingParty:
             if app_token is not None:
                 raise AuthorizationRefused("tokens", "a VM presents no APP token")
             report = self._token(vm_token, "vm", anchor, now, peer, actors[0], bound)
+            hypervisor = report.signer_certificate
         elif caller.kind == "app":
             if not isinstance(app_token, str) or len(actors) < 2:
                 raise AuthorizationRefused("tokens", "an APP needs its APP-Auth-Token and an "
@@ -128,6 +131,7 @@ class RelyingParty:
             # Its "within vm token" check keeps the APP token inside the VM token's life.
             report = self._token(app_token, "app", anchor, now, peer, actors[0], bound,
                                  vm_report)
+            hypervisor = vm_report.signer_certificate
         else:
             raise AuthorizationRefused("caller", f"{caller} is neither a vm nor an app")
         if report.subject != caller:
@@ -139,7 +143,7 @@ class RelyingParty:
                                        "an access token opens one session")
         expires = min(report.expires, datetime.datetime.fromtimestamp(access["exp"],
                                                                        datetime.UTC))
-        return Authorization(caller, actors, expires)
+        return Authorization(caller, actors, expires, hypervisor)
 
     def _access_claims(self, token: str, now: datetime.datetime) -> dict[str, Any]:
         try:

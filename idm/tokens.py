@@ -117,6 +117,7 @@ class TokenReport:
     claims: dict[str, Any] = field(default_factory=dict)
     issuer: Identity | None = None  # proven by the x5c chain
     subject: Identity | None = None
+    signer_certificate: x509.Certificate | None = None  # x5c[0], once its chain is checked
 
     @property
     def ok(self) -> bool:
@@ -210,6 +211,7 @@ def verify_token(token: str, kind: str, expect: Expectations) -> TokenReport:
     try:
         signer_identity = verify_chain(chain[0], chain[1:], expect.anchor, now)
         report.issuer = signer_identity
+        report.signer_certificate = chain[0]
         report._record("chain", True, f"signed by {signer_identity}, chained to the IAM root "
                                       f"of {expect.anchor.trust_domain}")
     except ChainRefused as exc:

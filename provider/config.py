@@ -65,6 +65,7 @@ class IdentityConfig:
     hv_environment: dict[str, str] = field(default_factory=dict)
     hv_key_file: str | None = None
     max_token_lifetime: float = 86400.0
+    result_authority: str | None = None  # results sealed by the grid (DESIGN.md 4)
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,10 @@ def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
     table = _table(data, "identity", where)
     _no_unknown(table, {"audience", "ca", "crl", "idp", "hv_certificate", "vm_token", "vm",
                         "hv_key", "hv_module", "hv_environment", "hv_key_file",
-                        "max_token_lifetime"}, where)
+                        "max_token_lifetime", "result_authority"}, where)
     paths: dict[str, str | None] = {}
-    for key in ("ca", "hv_certificate", "crl", "vm_token", "hv_module", "hv_key_file"):
+    for key in ("ca", "hv_certificate", "crl", "vm_token", "hv_module", "hv_key_file",
+                "result_authority"):
         value = table.get(key)
         if value is None and key not in ("ca", "hv_certificate"):
             paths[key] = None
@@ -259,7 +261,7 @@ def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
         vm_token=paths["vm_token"], vm=str(vm) if vm is not None else None,
         hv_key=str(hv_key) if hv_key is not None else None, hv_module=paths["hv_module"],
         hv_environment=dict(environment), hv_key_file=paths["hv_key_file"],
-        max_token_lifetime=float(lifetime))
+        max_token_lifetime=float(lifetime), result_authority=paths["result_authority"])
 
 
 def load() -> ModuleConfig:

@@ -81,14 +81,16 @@ class Backend:
     discover: Callable[[], list[SecureElementConfig]] | None = None
 
 
-def _authorizer(identity: IdentityConfig, certificate: str) -> Callable[[], dict[str, str]]:
-    """The identity gate's tokens, the gate built at first use: nothing of idm (nor
-    cryptography) is imported in C_Initialize, which OpenSSL calls while loading its own
-    configuration."""
+def _identity_gate(identity: IdentityConfig, certificate: str
+                   ) -> tuple[Callable[[], dict[str, str]],
+                              Callable[[str, str, bytes, bytes], bytes] | None]:
+    """The identity gate's tokens (and, with `result_authority`, its opener of sealed
+    results), the gate built at first use: nothing of idm (nor cryptography) is imported
+    in C_Initialize, which OpenSSL calls while loading its own configuration."""
     gates: list[Any] = []
     lock = threading.Lock()
 
-    def credentials() -> dict[str, str]:
+    def gate() -> Any:
         with lock:
             if not gates:
                 import datetime
@@ -105,10 +107,21 @@ def _authorizer(identity: IdentityConfig, certificate: str) -> Callable[[], dict
                     hv_environment=dict(identity.hv_environment),
                     hv_key_file=optional(identity.hv_key_file),
                     max_token_lifetime=datetime.timedelta(
-                        seconds=identity.max_token_lifetime))))
-        return dict(gates[0].credentials())
+                        seconds=identity.max_token_lifetime),
+                    result_authority=optional(identity.result_authority))))
+        return gates[0]
 
-    return credentials
+    def credentials() -> dict[str, str]:
+        return dict(gate().credentials())
+
+    def opener(authorization: str, operation: str, data: bytes, container: bytes) -> bytes:
+        return bytes(gate().open_result(authorization, operation, data, container))
+
+    return credentials, (opener if identity.result_authority is not None else None)
+
+
+def _authorizer(identity: IdentityConfig, certificate: str) -> Callable[[], dict[str, str]]:
+    return _identity_gate(identity, certificate)[0]
 
 
 def backend_for(config: ModuleConfig) -> Backend:
@@ -120,11 +133,11 @@ def backend_for(config: ModuleConfig) -> Backend:
                                  certificate=Path(grid.certificate), key=Path(grid.key),
                                  timeout=grid.timeout, spin=grid.spin_us / 1e6))
 
-    authorizer = _authorizer(config.identity, grid.certificate) \
-        if config.identity is not None else None
+    authorizer, opener = _identity_gate(config.identity, grid.certificate) \
+        if config.identity is not None else (None, None)
 
     def open_element(element: SecureElementConfig) -> SecureElement:
-        return RemoteElement(pool, element.seid or element.label, authorizer)
+        return RemoteElement(pool, element.seid or element.label, authorizer, opener)
 
     if config.secure_elements:
         return Backend(open_element)

@@ -63,6 +63,8 @@ IDENTITY_FAILURES: tuple[tuple[str, str, CKR], ...] = (
     # The module's own check of its VM-Auth-Token, the provider's refusal, the HV key:
     # "this token is not for you" to the application, the reason in the log.
     ("idm.gate", "GateRefused", CKR.TOKEN_NOT_RECOGNIZED),
+    # A sealed result that does not verify or open: the data is not trusted, not returned.
+    ("idm.gate", "ResultRefused", CKR.DEVICE_ERROR),
     ("idm.idp_client", "IdpUnreachable", CKR.DEVICE_ERROR),
     ("idm.idp_client", "IdpClientError", CKR.TOKEN_NOT_RECOGNIZED),
     ("idm.pkcs11_signer", "SignerError", CKR.TOKEN_NOT_RECOGNIZED),

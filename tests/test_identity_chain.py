@@ -82,14 +82,15 @@ class Chain:
     env: dict[str, str]
     idp_config: Path
 
-    def vm_token(self, vm: str = "vm-1", audience: str = SP) -> str:
+    def vm_token(self, vm: str = "vm-1", audience: str = SP, hv: str = "hv-1",
+                 key: str = "hv-key") -> str:
         """Signed by hv-1's key inside its token, through `p11grid token issue vm` (this
         process never loads SoftHSM2: the module under test loads it, in-process)."""
         out = self.root / "issued.jwt"
         subprocess.run([str(VENV_BIN / "p11grid"), "token", "issue", "vm", "--hv-key",
-                        "pkcs11:token=hv-se;object=hv-key", "--module", SOFTHSM, "--env",
+                        f"pkcs11:token=hv-se;object={key}", "--module", SOFTHSM, "--env",
                         f"SOFTHSM2_CONF={self.root / 'hv-softhsm2.conf'}", "--pin", HV_PIN,
-                        "--hv-cert", str(self.root / "hv-1.pem"),
+                        "--hv-cert", str(self.root / f"{hv}.pem"),
                         "--vm-cert", str(self.root / f"{vm}.pem"), "--audience", audience,
                         "--out", str(out)], check=True, capture_output=True, timeout=60)
         return out.read_text().strip()
@@ -172,6 +173,16 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                     f"SOFTHSM2_CONF={hv_conf}", "--key-uri", "pkcs11:token=hv-se;object=hv-key",
                     "--pin", HV_PIN, "--generate", "ec256", "--out", str(root / "hv-1.pem")],
                    check=True, capture_output=True, timeout=120)
+    # A second hypervisor key, RSA, in the same token: result containers are sealed to it.
+    subprocess.run([str(VENV_BIN / "p11grid"), "ca", "issue", "--ca-dir", str(root / "ca"),
+                    "--kind", "hv", "--name", "hv-r", "--module", SOFTHSM, "--env",
+                    f"SOFTHSM2_CONF={hv_conf}", "--key-uri",
+                    "pkcs11:token=hv-se;object=hv-rsa-key", "--pin", HV_PIN, "--generate",
+                    "rsa2048", "--out", str(root / "hv-r.pem")],
+                   check=True, capture_output=True, timeout=120)
+    authority = _key_file(root / "grid-authority.key")  # signs the grid's result containers
+    (root / "grid-authority.pub.pem").write_bytes(authority.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     # The grid's element, bound to vm-1 only.
     (root / "tokens").mkdir()
     softhsm = root / "softhsm2.conf"
@@ -225,6 +236,8 @@ sp = "{SP}"
 ca_dir = "{root / 'ca'}"
 idp_issuer = "https://127.0.0.1:{idp_port}"
 idp_jwks = "{root / 'idp-jwks.json'}"
+result_authority_key = "{root / 'grid-authority.key'}"
+result_header = "rsa-oaep-sha1"
 """)
     grid = _start([str(VENV_BIN / "p11grid"), "grid", "serve", "--config",
                    str(root / "grid.toml")], env, "serving")
@@ -334,3 +347,53 @@ def test_the_grid_refuses_a_vm_not_bound_to_the_element(chain: Chain) -> None:
     refused = chain.sign(config)
     assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
     assert "is not bound to spiffe://chain.test/vm/vm-2" in (chain.root / "vm2.log").read_text()
+
+
+HV_RSA = """hv_certificate = "{root}/hv-r.pem"
+hv_key = "pkcs11:token=hv-se;object=hv-rsa-key?pin-source={root}/hv.pin"
+hv_module = "{softhsm}"
+hv_environment = {{ SOFTHSM2_CONF = "{root}/hv-softhsm2.conf" }}"""
+
+
+def test_sealed_results_open_only_with_the_hv_key_and_the_grid_authority(chain: Chain) -> None:
+    """Result containers (DESIGN.md 4): the grid seals each signature to the HV's RSA key
+    and signs the container; the module verifies, unwraps with the HV key in its token and
+    only then returns the signature, which verifies. A wrong authority key: refused."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+
+    token_file = chain.root / "sealed.jwt"
+    token_file.write_text(chain.vm_token(hv="hv-r", key="hv-rsa-key"))
+    sealed = f'vm_token = "{token_file}"\n' + HV_RSA.format(root=chain.root, softhsm=SOFTHSM)
+    config = chain.module_config("sealed", sealed + f'\nresult_authority = '
+                                 f'"{chain.root / "grid-authority.pub.pem"}"\n')
+    signed = chain.sign(config)
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    public = subprocess.run(
+        ["pkcs11-tool", "--module", SOFTHSM, "--token-label", "se-1", "--read-object",
+         "--type", "pubkey", "--label", "k-ec"], env=chain.env, capture_output=True,
+        check=True, timeout=60).stdout
+    key = serialization.load_der_public_key(public)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    raw = (chain.root / "sig.bin").read_bytes()
+    key.verify(encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                    int.from_bytes(raw[32:], "big")),
+               b"\x42" * 32, ec.ECDSA(Prehashed(hashes.SHA256())))
+    # Another authority key: the container's trailer does not verify; nothing is returned.
+    stranger = _key_file(chain.root / "stranger.key")
+    (chain.root / "stranger.pub.pem").write_bytes(stranger.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    wrong = chain.module_config("sealed-wrong", sealed + f'\nresult_authority = '
+                                f'"{chain.root / "stranger.pub.pem"}"\n')
+    refused = chain.sign(wrong)
+    assert refused.returncode != 0 and "CKR_DEVICE_ERROR" in refused.stdout + refused.stderr
+    assert "result was refused" in (chain.root / "sealed-wrong.log").read_text()
+    # Containers sealed to an EC hypervisor key cannot be: the grid says so.
+    ec_hv = chain.module_config("sealed-ec", f'vm_token = "{token_file}"\n'.replace(
+        "sealed.jwt", "option2.jwt") + HV_BY_KEY_IN_TOKEN.format(root=chain.root,
+                                                                softhsm=SOFTHSM)
+        + f'\nresult_authority = "{chain.root / "grid-authority.pub.pem"}"\n')
+    (chain.root / "option2.jwt").write_text(chain.vm_token())
+    refused = chain.sign(ec_hv)
+    assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+    assert "is not RSA" in (chain.root / "sealed-ec.log").read_text()

@@ -308,7 +308,7 @@ def test_non_canonical_ecdsa_der_refused() -> None:
 
 def test_pack_refuses_bad_arguments() -> None:
     with pytest.raises(ValueError, match="unknown header algorithm"):
-        make(header_algorithm="rsa-oaep-sha1")
+        make(header_algorithm="rsa-oaep-md5")
     with pytest.raises(ValueError, match="1024 bits"):
         make(hv_public_key=rsa.generate_private_key(65537, 1024).public_key())
     with pytest.raises(TypeError):
@@ -368,3 +368,11 @@ def test_every_single_bit_flip_of_the_signed_fields_is_refused() -> None:
     for bit in range(BODY_AT * 8):
         refused(flip(_FLIP_BASE, bit // 8, 1 << (bit % 8)), hv=spy)
     assert spy.calls == []
+
+
+def test_oaep_sha1_header_round_trip() -> None:
+    """For HV elements whose OAEP is SHA-1 only (SoftHSM2)."""
+    container = make(b"result", header_algorithm="rsa-oaep-sha1")
+    assert container[HEADER_ID_AT] == 3
+    assert unpack(container, SoftwareUnwrapper(HV_KEY), EC_AUTHORITY_KEY.public_key(),
+                  CONTEXT) == b"result"

@@ -23,6 +23,7 @@ from grid_backend.client.pool import GridPool
 from grid_backend.protocol import AuthorizationNeeded, SessionUnknown
 from grid_backend.secure_element import (
     ElementAbsent,
+    ElementFailure,
     ElementInfo,
     ElementObject,
     MechanismParameters,
@@ -50,10 +51,14 @@ RENEW_MARGIN = 30.0  # seconds before an authorization ends that a new one is fe
 
 class RemoteElement:
     def __init__(self, pool: GridPool, seid: str,
-                 authorizer: Callable[[], dict[str, str]] | None = None) -> None:
+                 authorizer: Callable[[], dict[str, str]] | None = None,
+                 opener: Callable[[str, str, bytes, bytes], bytes] | None = None) -> None:
         self.pool = pool
         self.seid = seid
         self._authorizer = authorizer
+        # With an opener, results come sealed in containers (idm/container.py), opened
+        # with (authorization, operation, data, container) before anyone sees them.
+        self._opener = opener
         self._authorization: str | None = None
         self._renew_at = 0.0
         self._authorizing = threading.Lock()
@@ -66,7 +71,9 @@ class RemoteElement:
 
     def _authorize(self) -> str:
         assert self._authorizer is not None
-        tokens = self._authorizer()
+        tokens: dict[str, Any] = dict(self._authorizer())
+        if self._opener is not None:
+            tokens["container"] = True
         reply = self.pool.call("authorize", {"seid": self.seid, **tokens}, idempotent=False)
         self._authorization = str(reply["authorization"])
         expires = float(reply.get("expires", 0))
@@ -77,7 +84,13 @@ class RemoteElement:
 
     def _call(self, operation: str, arguments: dict[str, Any], *, idempotent: bool,
               timeout: float | None = None) -> dict[str, Any]:
-        """A request on this element, with its authorization when the grid wants one."""
+        return self._call_authorized(operation, arguments, idempotent=idempotent,
+                                     timeout=timeout)[0]
+
+    def _call_authorized(self, operation: str, arguments: dict[str, Any], *, idempotent: bool,
+                         timeout: float | None = None) -> tuple[dict[str, Any], str | None]:
+        """A request on this element, with its authorization when the grid wants one; the
+        reply and the authorization it was made under."""
         for attempt in (1, 2):
             handle = None
             if self._authorizer is not None:
@@ -88,7 +101,7 @@ class RemoteElement:
                 arguments = {**arguments, "authorization": handle}
             try:
                 return self.pool.call(operation, {"seid": self.seid, **arguments},
-                                      idempotent=idempotent, timeout=timeout)
+                                      idempotent=idempotent, timeout=timeout), handle
             except AuthorizationNeeded:
                 # Refused before the element was asked: new tokens, then once more.
                 if attempt == 2 or self._authorizer is None:
@@ -156,10 +169,16 @@ class RemoteElement:
             if session is None:
                 raise NotLoggedIn("log in first")
             try:
-                reply = self._call(operation, {
+                reply, handle = self._call_authorized(operation, {
                     "session": session, "ref": key.ref, "mechanism": mechanism,
                     "parameters": _parameters(parameters), "data": data}, idempotent=False)
-                return bytes(reply["result"])
+                if self._opener is None:
+                    return bytes(reply["result"])
+                if "container" not in reply or handle is None:
+                    # Never accept an unsealed result once containers were asked for.
+                    raise ElementFailure(f"{operation}: the grid answered without a result "
+                                         "container")
+                return self._opener(handle, operation, data, bytes(reply["container"]))
             except AuthorizationNeeded:
                 raise  # _call already presented fresh tokens once
             except SessionUnknown:

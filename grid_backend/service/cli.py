@@ -60,6 +60,20 @@ def _relying_party(config: Any) -> Any:
                         datetime.timedelta(seconds=settings.max_token_lifetime))
 
 
+def _sealing(config: Any) -> Any:
+    """The grid's authority key for result containers, if `[identity]` names one."""
+    if config.identity is None or config.identity.result_authority_key is None:
+        return None
+    from cryptography.hazmat.primitives import serialization
+
+    from grid_backend.service.server import ResultSealing
+    from idm.container import SoftwareAuthority
+
+    key = serialization.load_pem_private_key(
+        config.identity.result_authority_key.read_bytes(), None)
+    return ResultSealing(SoftwareAuthority(key), config.identity.result_header)  # type: ignore[arg-type]
+
+
 def serve(arguments: argparse.Namespace) -> int:
     from grid_backend.service.config import GridConfigError, load
     from grid_backend.service.server import GridServer, GridService
@@ -83,7 +97,8 @@ def serve(arguments: argparse.Namespace) -> int:
     audit_logger.addHandler(audit_handler)
     try:
         registry = SqliteRegistry(config.registry)
-        server = GridServer(config, GridService(registry, relying_party=_relying_party(config)))
+        server = GridServer(config, GridService(registry, relying_party=_relying_party(config),
+                                                sealing=_sealing(config)))
         server.start()
     except (RegistryError, OSError, ValueError, ChainRefused) as exc:
         print(f"p11grid grid serve: cannot start: {exc}", file=sys.stderr)

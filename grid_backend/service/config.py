@@ -18,6 +18,8 @@
     idp_issuer = "https://127.0.0.1:8443"    # the OpenID provider access tokens come from
     idp_jwks = "/etc/p11grid/idp-jwks.json"  # its signing keys (a JWKS file)
     max_token_lifetime = 86400               # seconds; longer VM/APP tokens are refused
+    result_authority_key = "/etc/p11grid/grid-authority.key"  # optional: seal results in
+    result_header = "rsa-oaep-sha256"        # containers (DESIGN.md 4) for callers asking
 
     [racs]                                   # optional: the RACS server of the grid
     listen = "127.0.0.1:7777"
@@ -76,6 +78,8 @@ class IdentitySettings:
     idp_issuer: str
     idp_jwks: Path
     max_token_lifetime: float
+    result_authority_key: Path | None = None  # EC P-256 or RSA key that signs containers
+    result_header: str = "rsa-oaep-sha256"
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,8 @@ def load(path: Path) -> GridConfig:
 def _identity(table: Any, where: str) -> IdentitySettings:
     if not isinstance(table, dict):
         raise GridConfigError(f"{where} must be a table")
-    known = {"sp", "ca_dir", "idp_issuer", "idp_jwks", "max_token_lifetime"}
+    known = {"sp", "ca_dir", "idp_issuer", "idp_jwks", "max_token_lifetime",
+             "result_authority_key", "result_header"}
     if set(table) - known:
         raise GridConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(table) - known))}")
     sp = table.get("sp")
@@ -168,7 +173,14 @@ def _identity(table: Any, where: str) -> IdentitySettings:
     if not isinstance(lifetime, (int, float)) or lifetime <= 0:
         raise GridConfigError(f"{where}: max_token_lifetime must be a positive number of "
                               "seconds")
+    header = table.get("result_header", "rsa-oaep-sha256")
+    if header not in ("rsa-oaep-sha256", "rsa-oaep-sha1"):
+        raise GridConfigError(f"{where}: result_header must be rsa-oaep-sha256 or "
+                              "rsa-oaep-sha1")
     return IdentitySettings(sp=sp, ca_dir=_path(table, "ca_dir", where),  # type: ignore[arg-type]
                             idp_issuer=issuer,
                             idp_jwks=_path(table, "idp_jwks", where),  # type: ignore[arg-type]
-                            max_token_lifetime=float(lifetime))
+                            max_token_lifetime=float(lifetime),
+                            result_authority_key=_path(table, "result_authority_key", where,
+                                                       required=False),
+                            result_header=str(header))

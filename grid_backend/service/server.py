@@ -89,12 +89,14 @@ class GridService:
 
     def __init__(self, registry: Registry,
                  element_factory: Callable[[str, dict[str, Any]], Any] = open_element,
-                 relying_party: RelyingParty | None = None) -> None:
+                 relying_party: RelyingParty | None = None,
+                 sealing: ResultSealing | None = None) -> None:
         self.registry = registry
         self._factory = element_factory
         # With a relying party, every element request needs an authorization that a
         # caller gets by presenting its identity tokens (op_authorize).
         self.relying_party = relying_party
+        self.sealing = sealing
         self._authorizations: OrderedDict[str, _Authorized] = OrderedDict()
         self._hosted: dict[str, HostedElement] = {}
         self._lock = threading.Lock()
@@ -171,10 +173,22 @@ class GridService:
                 app_token=arguments.get("app_token"))
         except AuthorizationRefused as exc:
             raise IdentityRefused(str(exc)) from None
+        seal_to = None
+        if arguments.get("container") is True:
+            if self.sealing is None:
+                raise IdentityRefused("result containers were asked for, but this grid has "
+                                      "no result_authority_key in its [identity]")
+            hypervisor = granted.hypervisor_certificate
+            seal_to = hypervisor.public_key() if hypervisor is not None else None
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            if not isinstance(seal_to, rsa.RSAPublicKey):
+                raise IdentityRefused("a result container is sealed to the hypervisor's RSA "
+                                      "key; this hypervisor's key is not RSA")
         handle = secrets.token_hex(16)
         with self._lock:
             self._authorizations[handle] = _Authorized(caller.identity, seid,
-                                                       granted.expires.timestamp())
+                                                       granted.expires.timestamp(), seal_to)
             while len(self._authorizations) > MAX_AUTHORIZATIONS:
                 self._authorizations.popitem(last=False)
         return {"authorization": handle, "expires": int(granted.expires.timestamp()),
@@ -218,10 +232,25 @@ class GridService:
                     data)
 
     def op_sign(self, caller: Caller, arguments: dict[str, Any]) -> dict[str, Any]:
-        return {"result": self._crypto(caller, arguments, decrypt=False)}
+        return self._deliver(arguments, "sign", self._crypto(caller, arguments, decrypt=False))
 
     def op_decrypt(self, caller: Caller, arguments: dict[str, Any]) -> dict[str, Any]:
-        return {"result": self._crypto(caller, arguments, decrypt=True)}
+        return self._deliver(arguments, "decrypt",
+                             self._crypto(caller, arguments, decrypt=True))
+
+    def _deliver(self, arguments: dict[str, Any], operation: str, result: bytes
+                 ) -> dict[str, Any]:
+        """The result, or, for a caller that asked for it at authorize, a container sealed
+        to its hypervisor's key and signed by the grid's authority key."""
+        handle = arguments.get("authorization")
+        granted = self._authorizations.get(handle) if isinstance(handle, str) else None
+        if granted is None or granted.seal_to is None or self.sealing is None:
+            return {"result": result}
+        from idm.container import pack, result_context
+
+        context = result_context(str(handle), operation, bytes(arguments.get("data", b"")))
+        return {"container": pack(result, granted.seal_to, self.sealing.authority, context,
+                                  self.sealing.header)}  # type: ignore[arg-type]
 
     def op_random(self, caller: Caller, arguments: dict[str, Any]) -> dict[str, Any]:
         length = arguments.get("length")
@@ -239,6 +268,15 @@ class _Authorized:
     identity: str
     seid: str
     expires: float  # epoch seconds: the first of the caller's tokens to expire
+    seal_to: Any = None  # the hypervisor's RSA key when the caller asked for containers
+
+
+@dataclass(frozen=True)
+class ResultSealing:
+    """The grid's authority key, which signs result containers (idm/container.py)."""
+
+    authority: Any  # idm.container.Signer
+    header: str  # "rsa-oaep-sha256" or "rsa-oaep-sha1"
 
 
 class Caller:
