@@ -81,6 +81,11 @@ class GateSettings:
     max_token_lifetime: datetime.timedelta = DEFAULT_MAX_LIFETIME
     timeout: float = 5.0
     result_authority: Path | None = None  # the grid's authority key (PEM public key or cert)
+    # An APP one layer up: its APP-Auth-Token, and the VM's certificate and key file with
+    # which the VM authenticates to the provider (tls_client_auth) to vouch for it.
+    app_token: Path | None = None
+    vm_certificate: Path | None = None
+    vm_key_file: Path | None = None
 
 
 class IdentityGate:
@@ -88,6 +93,10 @@ class IdentityGate:
         if (settings.vm_token is None) == (settings.vm is None):
             raise GateRefused("[identity] needs exactly one of vm_token (a token file, "
                               "Option 2) or vm (the provider hands the token out, Option 1)")
+        if settings.app_token is not None and (settings.vm_certificate is None
+                                               or settings.vm_key_file is None):
+            raise GateRefused("[identity] app_token needs vm_certificate and vm_key_file (the "
+                              "VM authenticates to the provider to vouch for the APP)")
         if (settings.hv_key is None) == (settings.hv_key_file is None):
             raise GateRefused("[identity] needs exactly one of hv_key (a PKCS#11 URI: "
                               "private_key_jwt) or hv_key_file (tls_client_auth)")
@@ -104,25 +113,45 @@ class IdentityGate:
 
     def credentials(self) -> dict[str, str]:
         """Fresh tokens for one `authorize` at the grid: access_token and vm_token."""
-        from idm.idp_client import exchange_vm_token, fetch_recorded
+        from idm.idp_client import (
+            TlsClientAuth,
+            exchange_app_token,
+            exchange_vm_token,
+            fetch_recorded,
+        )
 
         with self._lock:
             self._forked()
             settings = self.settings
             idp, auth = self._connection()
+            # The VM token's cnf names the VM's certificate: ours, unless we are an APP.
+            vm_certificate = settings.vm_certificate or settings.certificate
             if settings.vm_token is not None:
                 token = self._read_token(settings.vm_token)
-                report = self._check(token, str(settings.vm_token))
+                report = self._check(token, str(settings.vm_token), "vm", vm_certificate)
                 issued = exchange_vm_token(idp, auth, token, settings.audience)
             else:
                 issued = fetch_recorded(idp, auth, str(settings.vm), settings.audience)
                 token = str(issued.vm_auth_token)
                 report = self._check(token, f"the VM-Auth-Token the provider recorded for "
-                                            f"{settings.vm}")
+                                            f"{settings.vm}", "vm", vm_certificate)
             log.info("identity: VM-Auth-Token of %s verified (%s); access token for %s from "
                      "%s, valid %.0f s", report.subject, ", ".join(c.name for c in report.checks),
                      settings.audience, settings.idp, issued.expires_at - time.time())
-            return {"access_token": issued.access_token, "vm_token": token}
+            if settings.app_token is None:
+                return {"access_token": issued.access_token, "vm_token": token}
+            app_token = self._read_token(settings.app_token)
+            app_report = self._check(app_token, str(settings.app_token), "app",
+                                     settings.certificate, vm_report=report)
+            assert settings.vm_certificate is not None and settings.vm_key_file is not None
+            vm_auth = TlsClientAuth.from_files(settings.vm_certificate, settings.vm_key_file)
+            app_issued = exchange_app_token(idp, vm_auth, app_token, issued.access_token, token,
+                                            settings.audience)
+            log.info("identity: APP-Auth-Token of %s verified, vouched for by %s; access token "
+                     "valid %.0f s", app_report.subject, report.subject,
+                     app_issued.expires_at - time.time())
+            return {"access_token": app_issued.access_token, "vm_token": token,
+                    "app_token": app_token}
 
     def open_result(self, authorization: str, operation: str, data: bytes,
                     container: bytes) -> bytes:
@@ -166,19 +195,24 @@ class IdentityGate:
         except (OSError, UnicodeDecodeError) as exc:
             raise GateRefused(f"cannot read the VM-Auth-Token file {path}: {exc}") from None
 
-    def _check(self, token: str, where: str) -> TokenReport:
+    def _check(self, token: str, where: str, kind: str, presented: Path,
+               vm_report: TokenReport | None = None) -> TokenReport:
+        """The token checked here, before anything leaves: a VM token signed by the
+        configured hypervisor, or an APP token signed by the VM of `vm_report`."""
         settings = self.settings
         try:
-            certificate = x509.load_pem_x509_certificate(settings.certificate.read_bytes())
-            hv = x509.load_pem_x509_certificate(settings.hv_certificate.read_bytes())
+            certificate = x509.load_pem_x509_certificate(presented.read_bytes())
+            signer_file = settings.hv_certificate if kind == "vm" else settings.vm_certificate
+            assert signer_file is not None
+            signer = x509.load_pem_x509_certificate(signer_file.read_bytes())
             anchor = TrustAnchor.load(settings.ca, settings.crl)
         except (OSError, ValueError) as exc:
             raise GateRefused(f"[identity]: cannot load a certificate or the IAM root: {exc}"
                               ) from None
-        report = verify_token(token, "vm", Expectations(
+        report = verify_token(token, kind, Expectations(
             anchor=anchor, audience=settings.audience,
             max_lifetime=settings.max_token_lifetime, presented_certificate=certificate,
-            authenticated_issuer=identity_of(hv)))
+            authenticated_issuer=identity_of(signer), vm_token=vm_report))
         reason = report.refusal()
         if reason is not None:
             check = reason.split(":", 1)[0]

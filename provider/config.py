@@ -66,6 +66,9 @@ class IdentityConfig:
     hv_key_file: str | None = None
     max_token_lifetime: float = 86400.0
     result_authority: str | None = None  # results sealed by the grid (DESIGN.md 4)
+    app_token: str | None = None  # an APP: its APP-Auth-Token, and the VM's identity
+    vm_certificate: str | None = None  # (certificate and key file) that vouches for it
+    vm_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -222,10 +225,11 @@ def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
     table = _table(data, "identity", where)
     _no_unknown(table, {"audience", "ca", "crl", "idp", "hv_certificate", "vm_token", "vm",
                         "hv_key", "hv_module", "hv_environment", "hv_key_file",
-                        "max_token_lifetime", "result_authority"}, where)
+                        "max_token_lifetime", "result_authority", "app_token",
+                        "vm_certificate", "vm_key_file"}, where)
     paths: dict[str, str | None] = {}
     for key in ("ca", "hv_certificate", "crl", "vm_token", "hv_module", "hv_key_file",
-                "result_authority"):
+                "result_authority", "app_token", "vm_certificate", "vm_key_file"):
         value = table.get(key)
         if value is None and key not in ("ca", "hv_certificate"):
             paths[key] = None
@@ -249,6 +253,10 @@ def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
                           "hv_key_file (tls_client_auth)")
     if hv_key is not None and paths["hv_module"] is None:
         raise ConfigError(f"{where}: hv_key needs hv_module (the PKCS#11 library holding it)")
+    if paths["app_token"] is not None and (paths["vm_certificate"] is None
+                                           or paths["vm_key_file"] is None):
+        raise ConfigError(f"{where}: app_token needs vm_certificate and vm_key_file (the VM "
+                          "vouches for the APP at the OpenID provider)")
     environment = _table(table, "hv_environment", where)
     if not all(isinstance(v, str) for v in environment.values()):
         raise ConfigError(f"{where}: hv_environment values must be strings")
@@ -261,7 +269,9 @@ def _identity(data: dict[str, Any], where: str) -> IdentityConfig:
         vm_token=paths["vm_token"], vm=str(vm) if vm is not None else None,
         hv_key=str(hv_key) if hv_key is not None else None, hv_module=paths["hv_module"],
         hv_environment=dict(environment), hv_key_file=paths["hv_key_file"],
-        max_token_lifetime=float(lifetime), result_authority=paths["result_authority"])
+        max_token_lifetime=float(lifetime), result_authority=paths["result_authority"],
+        app_token=paths["app_token"], vm_certificate=paths["vm_certificate"],
+        vm_key_file=paths["vm_key_file"])
 
 
 def load() -> ModuleConfig:

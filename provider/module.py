@@ -108,7 +108,10 @@ def _identity_gate(identity: IdentityConfig, certificate: str
                     hv_key_file=optional(identity.hv_key_file),
                     max_token_lifetime=datetime.timedelta(
                         seconds=identity.max_token_lifetime),
-                    result_authority=optional(identity.result_authority))))
+                    result_authority=optional(identity.result_authority),
+                    app_token=optional(identity.app_token),
+                    vm_certificate=optional(identity.vm_certificate),
+                    vm_key_file=optional(identity.vm_key_file))))
         return gates[0]
 
     def credentials() -> dict[str, str]:

@@ -6,6 +6,7 @@ with all three elements; each refusal names its reason in the module's log."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import json
@@ -95,6 +96,14 @@ class Chain:
                         "--out", str(out)], check=True, capture_output=True, timeout=60)
         return out.read_text().strip()
 
+    def soft_app_token(self, vm: str, lifetime: datetime.timedelta) -> str:
+        """An APP-Auth-Token for app/web signed by `vm`'s key (a file here)."""
+        key = serialization.load_pem_private_key((self.root / f"{vm}.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        cert = lambda name: x509.load_pem_x509_certificate(  # noqa: E731
+            (self.root / f"{name}.pem").read_bytes())
+        return issue_token("app", SoftSigner(key), [cert(vm)], cert("web"), SP, lifetime)
+
     def soft_vm_token(self, hv: str, vm: str = "vm-1", **changes: Any) -> str:
         """Signed by a hypervisor whose key is a file here (tls_client_auth to the provider)."""
         key = serialization.load_pem_private_key((self.root / f"{hv}.key").read_bytes(), None)
@@ -159,6 +168,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     for vm in ("vm-1", "vm-2"):
         _issue(ca, root, "vm", vm)
     _issue(ca, root, "hv", "hv-3")  # a hypervisor whose key is a file
+    _issue(ca, root, "app", "web")  # an application in vm-1
     # The hypervisor's key: generated inside its own token, certified through a CSR.
     (root / "hv-tokens").mkdir()
     hv_conf = root / "hv-softhsm2.conf"
@@ -196,7 +206,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                        "--token-label", "se-1", "--env", f"SOFTHSM2_CONF={softhsm}"],
                       ["keygen", "--seid", "se-1", "--label", "k-ec", "--id", "01", "--kind",
                        "ec256", "--pin", PIN],
-                      ["bind", "--identity", f"spiffe://{DOMAIN}/vm/vm-1", "--seid", "se-1"]):
+                      ["bind", "--identity", f"spiffe://{DOMAIN}/vm/vm-1", "--seid", "se-1"],
+                      ["bind", "--identity", f"spiffe://{DOMAIN}/app/web", "--seid", "se-1"]):
         subprocess.run([str(VENV_BIN / "p11grid"), "grid", *arguments], env=env, check=True,
                        capture_output=True, timeout=120)
     # The OpenID provider.
@@ -397,3 +408,47 @@ def test_sealed_results_open_only_with_the_hv_key_and_the_grid_authority(chain: 
     refused = chain.sign(ec_hv)
     assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
     assert "is not RSA" in (chain.root / "sealed-ec.log").read_text()
+
+
+def test_app_level_key_through_the_module(chain: Chain) -> None:
+    """One layer up: an application with its own identity (TLS certificate app/web) uses
+    the element after the module verified its APP token (signed by vm-1) inside the VM
+    token, vm-1 vouched for it at the provider (tls_client_auth), and the grid checked the
+    nested act (APP <- VM <- HV). An APP token from another VM, or one outliving its VM
+    token, is refused by the module."""
+    import json
+
+    vm_token_file = chain.root / "app-vm.jwt"
+    vm_token_file.write_text(chain.vm_token())
+    vm_expiry = json.loads(base64.urlsafe_b64decode(
+        vm_token_file.read_text().split(".")[1] + "=="))["exp"]
+
+    def app_token(vm: str, lifetime: datetime.timedelta) -> Path:
+        file = chain.root / f"app-from-{vm}.jwt"
+        file.write_text(chain.soft_app_token(vm, lifetime))
+        return file
+
+    def config(name: str, token_file: Path) -> Path:
+        return chain.module_config(name, f'vm_token = "{vm_token_file}"\n'
+                                   f'app_token = "{token_file}"\n'
+                                   f'vm_certificate = "{chain.root / "vm-1.pem"}"\n'
+                                   f'vm_key_file = "{chain.root / "vm-1.key"}"\n'
+                                   + HV_BY_KEY_IN_TOKEN.format(root=chain.root,
+                                                               softhsm=SOFTHSM), vm="web")
+
+    signed = chain.sign(config("app", app_token("vm-1", HOUR / 2)))
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+    audit = (chain.root / "audit.log").read_text()
+    assert f'"caller": "spiffe://{DOMAIN}/app/web", "ms"' in audit
+    assert "APP-Auth-Token of spiffe://chain.test/app/web verified" in \
+        (chain.root / "app.log").read_text()
+    refused = chain.sign(config("app-other-vm", app_token("vm-2", HOUR / 2)))
+    assert "CKR_TOKEN_NOT_RECOGNIZED" in refused.stdout + refused.stderr
+    assert "refused by the module: authenticated issuer" in \
+        (chain.root / "app-other-vm.log").read_text()
+    outliving = app_token("vm-1", 2 * HOUR)
+    claims = json.loads(base64.urlsafe_b64decode(outliving.read_text().split(".")[1] + "=="))
+    assert claims["exp"] > vm_expiry
+    refused = chain.sign(config("app-outliving", outliving))
+    assert "refused by the module: within vm token" in \
+        (chain.root / "app-outliving.log").read_text()
