@@ -54,7 +54,7 @@ def _request_from_element(arguments: argparse.Namespace, identity: Identity
     if not arguments.module:
         raise CommandError("--key-uri needs --module (the PKCS#11 library holding the key)")
     uri = parse_pkcs11_uri(arguments.key_uri)
-    pin = resolve_pin(uri, arguments.pin or os.environ.get("P11GRID_PIN"))
+    pin = resolve_pin(uri, arguments.pin) or os.environ.get("P11GRID_PIN")
     environment = _environment(arguments.env)
     module = Path(arguments.module)
     if arguments.generate:
@@ -173,9 +173,8 @@ def issue_token_command(arguments: argparse.Namespace) -> int:
 
     kind = arguments.token_kind
     key_uri = arguments.hv_key if kind == "vm" else arguments.vm_key
-    chain = _certificates(arguments.hv_cert if kind == "vm" else arguments.vm_cert)
-    for extra in arguments.chain or ():
-        chain += _certificates(extra)
+    signer_certificate = arguments.hv_cert if kind == "vm" else arguments.vm_signing_cert
+    chain = _certificates(signer_certificate) if signer_certificate else []
     subject = _certificates(arguments.vm_cert if kind == "vm" else arguments.app_cert)[0]
     not_after = None
     if kind == "app":
@@ -189,8 +188,20 @@ def issue_token_command(arguments: argparse.Namespace) -> int:
         # Read only to cap the lifetime; the grid verifies the VM token itself.
         not_after = TokenReport("vm", claims={"exp": claims.get("exp", 0)}).expires
     uri = parse_pkcs11_uri(key_uri)
-    pin = resolve_pin(uri, arguments.pin or os.environ.get("P11GRID_PIN"))
-    with Pkcs11Signer(Path(arguments.module), uri, pin, _environment(arguments.env)) as signer:
+    pin = resolve_pin(uri, arguments.pin) or os.environ.get("P11GRID_PIN")
+    module = arguments.module or uri.module_path
+    if not module:
+        raise CommandError("give --module, or module-path in the key's URI (the PKCS#11 "
+                           "library that holds the key)")
+    with Pkcs11Signer(Path(module), uri, pin, _environment(arguments.env)) as signer:
+        if not chain:  # no certificate file: the one stored next to the key
+            stored = signer.certificate()
+            if stored is None:
+                raise CommandError("the token holds no certificate next to the key: give "
+                                   "the signer's certificate file")
+            chain = [stored]
+        for extra in arguments.chain or ():
+            chain += _certificates(extra)
         if signer.public_key().public_numbers() != chain[0].public_key().public_numbers():
             raise CommandError("the key behind the PKCS#11 URI is not the key of the "
                                "signer's certificate")
@@ -224,6 +235,15 @@ def verify_token_command(arguments: argparse.Namespace) -> int:
     else:
         anchor = TrustAnchor.load(Path(arguments.root),
                                   Path(arguments.crl) if arguments.crl else None)
+    audience = arguments.audience
+    if audience is None:  # nothing to compare with: say so rather than pretend
+        try:
+            named = jwt.decode(token, options={"verify_signature": False}).get("aud")
+        except jwt.PyJWTError:
+            named = None
+        audience = named if isinstance(named, str) else ""
+        print("note: the audience is not checked (give --audience, the grid SP's identity)")
+    arguments.audience = audience
     vm_report = None
     if kind == "app" and arguments.vm_token:
         vm_report = verify_token(Path(arguments.vm_token).read_text().strip(), "vm",
@@ -329,18 +349,22 @@ def register_tokens(commands: Any) -> None:
                                              f"{signer.upper()} key")
         parser.add_argument(f"--{signer}-key", required=True,
                             help=f"PKCS#11 URI of the {signer.upper()} key")
-        parser.add_argument("--module", required=True, help="the PKCS#11 library holding it")
+        parser.add_argument("--module", help="the PKCS#11 library holding it (default: "
+                                              "module-path in the URI)")
         parser.add_argument("--pin", help="the token's user PIN (else pin-source in the URI, "
                                           "else $P11GRID_PIN)")
         parser.add_argument("--env", action="append", metavar="NAME=VALUE",
                             help="environment for the library (e.g. SOFTHSM2_CONF=...)")
-        parser.add_argument(f"--{signer}-cert", required=True,
-                            help=f"the {signer.upper()} certificate (goes into x5c)")
+        certificate_option = "--hv-cert" if kind == "vm" else "--vm-signing-cert"
+        parser.add_argument(certificate_option, help=f"the {signer.upper()} key's certificate "
+                            "(goes into x5c; default: the one stored next to the key)")
         parser.add_argument("--chain", action="append",
                             help="intermediate certificates for x5c, if any")
         if kind == "vm":
             parser.add_argument("--vm-cert", required=True, help="the VM's certificate (cnf)")
         else:
+            parser.add_argument("--vm-cert", dest="vm_signing_cert",
+                                help="same as --vm-signing-cert")
             parser.add_argument("--app-cert", required=True, help="the APP's certificate (cnf)")
             parser.add_argument("--vm-token", required=True,
                                 help="the VM's token: the APP token never outlives it")
@@ -351,10 +375,11 @@ def register_tokens(commands: Any) -> None:
     checking = actions.add_parser("verify", help="check a token and print every verdict")
     checking.add_argument("file")
     checking.add_argument("--kind", choices=("vm", "app"), help="default: from its typ")
-    checking.add_argument("--ca-dir", help="the IAM CA's directory (ca.pem and crl.pem)")
+    checking.add_argument("--ca-dir", help="the IAM CA's directory (ca.pem and crl.pem; "
+                                           f"default $P11GRID_CA_DIR, else {DEFAULT_CA_DIR})")
     checking.add_argument("--root", help="the IAM root certificate, instead of --ca-dir")
     checking.add_argument("--crl", help="the revocation list, with --root")
-    checking.add_argument("--audience", required=True, help="the grid SP's identity")
+    checking.add_argument("--audience", help="the grid SP's identity (else not checked)")
     checking.add_argument("--cert", help="the subject's certificate, to check cnf")
     checking.add_argument("--issuer", help="the identity that must have signed it")
     checking.add_argument("--vm-token", help="for an APP token: its VM token")

@@ -525,6 +525,23 @@ class Pkcs11Signer:
                               f"{2 * self._algorithm.coordinate_size}")
         return signature
 
+    def certificate(self) -> x509.Certificate | None:
+        """The certificate stored in the token next to the key (same id, else same
+        label), if there is exactly one: what an operator need not then give by file."""
+        from pkcs11 import Attribute, ObjectClass
+
+        with self._lock:
+            if self._session is None:
+                raise SignerError("the signer is closed")
+            key_id = bytes(self._private_key[Attribute.ID] or b"")
+            label = self._private_key[Attribute.LABEL]
+            found = _objects(self._session, ObjectClass.CERTIFICATE, None, key_id) \
+                if key_id else []
+            found = found or _objects(self._session, ObjectClass.CERTIFICATE, label, None)
+            if len(found) != 1:
+                return None
+            return x509.load_der_x509_certificate(bytes(found[0][Attribute.VALUE]))
+
     def decrypt(self, header_algorithm: str, wrapped_key: bytes) -> bytes:
         """A result container's key, unwrapped by the RSA key in the token (idm.container's
         Unwrapper): RSA-OAEP with SHA-256 or SHA-1."""
@@ -625,8 +642,10 @@ def generate_key_pair(module: Path, uri: Pkcs11Uri, pin: str, kind: str,
                 # An RSA hypervisor key also opens result containers sealed to it (the
                 # container's AES key, RSA-OAEP): decryption, never export.
                 capabilities |= MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+            # SIGN_RECOVER off explicitly: some SoftHSM2 builds (Debian 13) default it on.
             private_template = {Attribute.TOKEN: True, Attribute.PRIVATE: True,
-                                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+                                Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                Attribute.SIGN_RECOVER: False}
             public_template = {Attribute.TOKEN: True, Attribute.PRIVATE: False}
             common: dict[str, Any] = dict(
                 id=key_id, label=label, store=True, capabilities=capabilities,

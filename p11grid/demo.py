@@ -257,7 +257,8 @@ def check_identity_chain(box: sandbox.Sandbox, variables: dict[str, str], tally:
     """What the module checks before its first session, shown check by check."""
     hv = f"spiffe://{sandbox_grid.TRUST_DOMAIN}/hv/{sandbox_identity.HV_NAME}"
     identity = sandbox_identity.IdentityLayout(box.directory / "identity",
-                                               sandbox_grid.TRUST_DOMAIN)
+                                               sandbox_grid.TRUST_DOMAIN, box.softhsm_conf,
+                                               paths.softhsm_library())
     verdict = _p11grid("token", "verify", variables["P11GRID_VM_TOKEN"], "--ca-dir",
                        str(box.directory / "ca"), "--audience", identity.sp, "--cert",
                        str(box.grid.path("vm.pem")), "--issuer", hv)
@@ -294,7 +295,8 @@ def check_authorizations(box: sandbox.Sandbox, tally: Tally) -> None:
 def show_refusal(box: sandbox.Sandbox, variables: dict[str, str], tally: Tally) -> None:
     """A token for another VM in place of ours: the next session is refused, with why."""
     identity = sandbox_identity.IdentityLayout(box.directory / "identity",
-                                               sandbox_grid.TRUST_DOMAIN)
+                                               sandbox_grid.TRUST_DOMAIN, box.softhsm_conf,
+                                               paths.softhsm_library())
     token_file = Path(variables["P11GRID_VM_TOKEN"])
     good = token_file.read_text()
     other = box.directory / "demo-vm-2"

@@ -76,6 +76,8 @@ ENV_NAMES = (
     "P11GRID_VM_TOKEN",
     "P11GRID_IDP_URL",
     "P11GRID_APP_TOKEN",
+    "P11GRID_HV_KEY_URI",
+    "P11GRID_CA_DIR",
 )
 GRID_PROCESS = "grid"
 IDP_PROCESS = "idp"
@@ -545,12 +547,13 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         f"'{sandbox_piv.SEID}' bound to {sandbox_grid.VM_IDENTITY}; "
         f"'{sandbox_grid.RACS_ADMIN}' administers '{sandbox_piv.SEID}' over RACS")
     identity = sandbox_identity.IdentityLayout(directory / "identity",
-                                               sandbox_grid.TRUST_DOMAIN)
+                                               sandbox_grid.TRUST_DOMAIN,
+                                               sandbox.softhsm_conf, softhsm_library)
     try:
         sandbox_identity.create_hypervisor(identity, iam.directory, softhsm_library)
         say(f"sandbox: hypervisor {sandbox_identity.HV_NAME}: key generated inside its own "
-            f"SoftHSM2 token '{sandbox_identity.HV_TOKEN}' ({identity.hv_softhsm_conf}), "
-            f"certified through a CSR signed in the token -> {identity.hv_certificate}")
+            f"SoftHSM2 token '{sandbox_identity.HV_TOKEN}', certified through a CSR signed in "
+            f"the token -> {identity.hv_certificate} (also stored in the token)")
         idp_pid, issuer = sandbox_identity.start_idp(identity, iam)
         record_process(directory, IDP_PROCESS, idp_pid, process_group=idp_pid)
         say(f"sandbox: OpenID provider (pid {idp_pid}) at {issuer}, log {identity.idp_log}")
@@ -631,6 +634,8 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         "P11GRID_VM_TOKEN": str(identity.vm_token),
         "P11GRID_IDP_URL": issuer,
         "P11GRID_APP_TOKEN": str(identity.app_token),
+        "P11GRID_HV_KEY_URI": identity.hv_key_uri,
+        "P11GRID_CA_DIR": str(iam.directory),
     }
     assert tuple(variables) == ENV_NAMES
     ca.write_private_file(sandbox.env_file, _env_text(variables).encode())

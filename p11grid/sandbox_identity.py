@@ -41,10 +41,10 @@ def _toml(value: str) -> str:
 class IdentityLayout:
     directory: Path  # DIR/identity
     trust_domain: str
-
-    @property
-    def hv_softhsm_conf(self) -> Path:
-        return self.directory / "hv-softhsm2.conf"
+    # The hypervisor's token lives in the sandbox's SoftHSM2 store (a token of its own,
+    # hv-se), so that `. DIR/env` is all `p11grid token issue vm` needs.
+    hv_softhsm_conf: Path
+    softhsm_library: Path
 
     @property
     def hv_pin_file(self) -> Path:
@@ -56,7 +56,8 @@ class IdentityLayout:
 
     @property
     def hv_key_uri(self) -> str:
-        return f"pkcs11:token={HV_TOKEN};object={HV_KEY_LABEL}?pin-source={self.hv_pin_file}"
+        return (f"pkcs11:token={HV_TOKEN};object={HV_KEY_LABEL}?module-path="
+                f"{self.softhsm_library}&pin-source={self.hv_pin_file}")
 
     @property
     def vm_token(self) -> Path:
@@ -107,14 +108,8 @@ def _p11grid(*arguments: str, env: dict[str, str] | None = None) -> str:
 
 def create_hypervisor(layout: IdentityLayout, ca_dir: Path, softhsm_library: Path) -> None:
     """Token hv-se with a random PIN (in a 0600 file the key URI names), the HV key
-    generated inside it, and its certificate from the IAM CA."""
+    generated inside it, its certificate from the IAM CA, stored in the token too."""
     layout.directory.mkdir(mode=0o700, exist_ok=True)
-    tokens = layout.directory / "hv-tokens"
-    tokens.mkdir(mode=0o700)
-    layout.hv_softhsm_conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-        "# the module signs with this key in nginx's master and again in its workers\n"
-        "library.reset_on_fork = true\n")
     pin = "".join(secrets.choice("0123456789") for _ in range(8))
     write_file(layout.hv_pin_file, f"{pin}\n".encode(), mode=0o600)
     environment = {**os.environ, "SOFTHSM2_CONF": str(layout.hv_softhsm_conf)}
@@ -125,6 +120,20 @@ def create_hypervisor(layout: IdentityLayout, ca_dir: Path, softhsm_library: Pat
              "--module", str(softhsm_library), "--env",
              f"SOFTHSM2_CONF={layout.hv_softhsm_conf}", "--key-uri", layout.hv_key_uri,
              "--generate", "ec256", "--out", str(layout.hv_certificate))
+    # Next to the key (the id `p11grid ca issue --generate` gave it): `token issue vm` then
+    # needs no certificate file.
+    import hashlib
+
+    from cryptography import x509
+
+    der = layout.directory / "hv.der"
+    der.write_bytes(x509.load_pem_x509_certificate(layout.hv_certificate.read_bytes())
+                    .public_bytes(serialization.Encoding.DER))
+    subprocess.run(["pkcs11-tool", "--module", str(softhsm_library), "--token-label", HV_TOKEN,
+                    "--login", "--pin", pin, "--write-object", str(der), "--type", "cert",
+                    "--label", HV_KEY_LABEL, "--id",
+                    hashlib.sha1(HV_KEY_LABEL.encode()).digest()[:8].hex()],
+                   env=environment, check=True, capture_output=True, timeout=60)
 
 
 def issue_vm_token(layout: IdentityLayout, softhsm_library: Path, vm_certificate: Path) -> None:

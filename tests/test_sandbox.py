@@ -60,6 +60,8 @@ EXPECTED_VARIABLES = (
     "P11GRID_VM_TOKEN",
     "P11GRID_IDP_URL",
     "P11GRID_APP_TOKEN",
+    "P11GRID_HV_KEY_URI",
+    "P11GRID_CA_DIR",
 )
 KEYS = {"vm-rsa": b"\x01", "vm-ec": b"\x02"}
 P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")  # DER OID of prime256v1
@@ -250,6 +252,17 @@ def test_identity_chain_is_live(built: BuiltSandbox) -> None:
                           "spiffe://p11grid.sandbox/sp/grid", "--cert",
                           built.directory / "grid" / "vm.pem")
     assert verdict.returncode == 0 and "verdict: valid" in verdict.stdout, verdict.stdout
+    # As the issue writes the commands, with only `. DIR/env` behind them.
+    environment = {**os.environ, **variables}
+    issued = run_command("token", "issue", "vm", "--hv-key", variables["P11GRID_HV_KEY_URI"],
+                         "--vm-cert", built.directory / "grid" / "vm.pem", "--audience",
+                         "spiffe://p11grid.sandbox/sp/grid", "--ttl", "1h", env=environment)
+    assert issued.returncode == 0, issued.stderr
+    fresh = built.directory / "fresh-vm-token.jwt"
+    fresh.write_text(issued.stdout)
+    plain = run_command("token", "verify", fresh, env=environment)
+    assert plain.returncode == 0 and "verdict: valid" in plain.stdout, plain.stdout
+    assert "audience is not checked" in plain.stdout
     # One layer up: the APP token, signed by the VM's key in the grid, inside its VM token.
     app = run_command("token", "verify", variables["P11GRID_APP_TOKEN"], "--ca-dir",
                       built.directory / "ca", "--audience", "spiffe://p11grid.sandbox/sp/grid",
