@@ -15,6 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 SHA256_WITH_RSA = bytes.fromhex("300d06092a864886f70d01010b0500")
 ECDSA_WITH_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")
 ECDSA_WITH_SHA384 = bytes.fromhex("300a06082a8648ce3d040303")
+# The DER DigestInfo prefix of a SHA-256 digest (RFC 8017 section 9.2 note 1), for
+# EMSA-PKCS1-v1_5 blocks an element signs with raw RSA or CKM_RSA_PKCS.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 
 def length(size: int) -> bytes:

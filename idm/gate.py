@@ -112,7 +112,10 @@ class IdentityGate:
             self._pid, self._auth, self._idp, self._signer = os.getpid(), None, None, None
 
     def credentials(self) -> dict[str, str]:
-        """Fresh tokens for one `authorize` at the grid: access_token and vm_token."""
+        """Fresh tokens for one `authorize` at the grid: access_token and vm_token.
+
+        Holds the gate's lock across its requests to the provider: threads that need
+        tokens at the same moment wait for one exchange rather than each making one."""
         from idm.idp_client import (
             TlsClientAuth,
             exchange_app_token,
@@ -160,16 +163,20 @@ class IdentityGate:
         from idm.container import ContainerRefused, SoftwareUnwrapper, result_context, unpack
 
         settings = self.settings
-        with self._lock:
-            self._forked()
-            if settings.hv_key_file is not None:
-                from cryptography.hazmat.primitives import serialization
+        unwrapper: Any = self._signer if self._pid == os.getpid() else None
+        if unwrapper is None:
+            # Only to make the unwrapper: a signature must not wait behind a token exchange
+            # (credentials() holds the lock across its requests to the provider).
+            with self._lock:
+                self._forked()
+                if settings.hv_key_file is not None:
+                    from cryptography.hazmat.primitives import serialization
 
-                key = serialization.load_pem_private_key(settings.hv_key_file.read_bytes(),
-                                                         None)
-                unwrapper: Any = SoftwareUnwrapper(key)  # type: ignore[arg-type]
-            else:
-                unwrapper = self._signer or self._hv_signer()
+                    key = serialization.load_pem_private_key(
+                        settings.hv_key_file.read_bytes(), None)
+                    unwrapper = SoftwareUnwrapper(key)  # type: ignore[arg-type]
+                else:
+                    unwrapper = self._signer or self._hv_signer()
         try:
             return unpack(container, unwrapper, self._authority_key(),
                           result_context(authorization, operation, data))

@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from idm import der
 from idm.pkcs11_uri import Pkcs11Uri
 
 log = logging.getLogger("p11grid.identity")
@@ -45,8 +46,6 @@ KINDS = ("ec256", "ec384", "rsa2048")
 # P-384 (1.3.132.0.34).
 _P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")
 _P384_PARAMS = bytes.fromhex("06052b81040022")
-# DigestInfo prefix for SHA-256 (RFC 8017 section 9.2, note 1): CKM_RSA_PKCS only pads.
-_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 _MIN_RSA_BITS = 2048  # RFC 7518 section 3.3
 
 
@@ -513,7 +512,7 @@ class Pkcs11Signer:
                 raise SignerError("the signer is closed")
             try:
                 if self._algorithm is _RS256:
-                    return bytes(self._private_key.sign(_SHA256_DIGEST_INFO + digest,
+                    return bytes(self._private_key.sign(der.SHA256_DIGEST_INFO + digest,
                                                         mechanism=Mechanism.RSA_PKCS))
                 signature = bytes(self._private_key.sign(digest, mechanism=Mechanism.ECDSA))
             except errors.PKCS11Error as exc:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from idm.authority import write_file
 
 VALIDITY = datetime.timedelta(days=30)
 # Tolerate a little clock skew between this host and whoever checks the certificate.
@@ -125,10 +126,7 @@ def issue_server_certificate(
 
 def write_private_file(path: Path, content: bytes) -> None:
     """Write a secret with mode 0600 from the first byte (no window with a wider mode)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # the file may have existed with a wider mode
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(content)
+    write_file(path, content, mode=0o600)
 
 
 def issue_identity(

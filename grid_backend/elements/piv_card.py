@@ -101,8 +101,6 @@ ALG_AES_192 = 0x0A
 KEY_MANAGEMENT = 0x9B
 MANAGEMENT_KEY_SIZE = 24  # AES-192
 SELF_SIGNED_DAYS = 365
-# SHA-256 DigestInfo prefix (RFC 8017 9.2 note 1), for the EMSA-PKCS1-v1_5 block.
-SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 
 SW_SECURITY_STATUS = 0x6982
 SW_PIN_BLOCKED = 0x6983
@@ -776,7 +774,7 @@ def self_signed_certificate(builder: x509.CertificateBuilder,
     digest = hashlib.sha256(tbs).digest()
     if isinstance(public_key, rsa.RSAPublicKey):
         size = public_key.key_size // 8
-        info = SHA256_DIGEST_INFO + digest
+        info = der.SHA256_DIGEST_INFO + digest
         block = b"\x00\x01" + b"\xff" * (size - 3 - len(info)) + b"\x00" + info
         signature = card_sign(block).rjust(size, b"\x00")
         algorithm = der.SHA256_WITH_RSA
