@@ -11,7 +11,7 @@ from grid_backend.racs import cli as racs_cli
 from grid_backend.service import cli as grid_cli
 from idm import cli as idm_cli
 from idm import idp_cli
-from p11grid import paths, sandbox
+from p11grid import paths, sandbox, snippets
 
 
 def _say(line: str) -> None:
@@ -27,6 +27,43 @@ def _sandbox(arguments: argparse.Namespace) -> int:
     except (sandbox.SandboxError, paths.MissingDependencyError) as error:
         print(f"p11grid sandbox {arguments.action}: error: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _config(arguments: argparse.Namespace) -> int:
+    """`p11grid config openssl|nginx|p11kit`: print (or install) a ready snippet."""
+    module = Path(arguments.module or paths.MODULE_PATH).resolve()
+    if arguments.what == "openssl":
+        text = snippets.openssl_engine_conf(
+            Path(arguments.engine) if arguments.engine else paths.pkcs11_engine(), module,
+            arguments.pin, "OpenSSL: the libp11 engine on the p11grid module (p11grid config "
+            "openssl); point OPENSSL_CONF at this file")
+    elif arguments.what == "nginx":
+        if not arguments.key_uri or not arguments.certificate:
+            print("p11grid config nginx: give --key-uri and --certificate", file=sys.stderr)
+            return 2
+        text = ("# main context (nginx.conf, outside http {}): the workers need these\n"
+                + snippets.nginx_main_lines()
+                + "\n# inside http { }:\n"
+                + snippets.nginx_server(arguments.listen, Path(arguments.certificate).resolve(),
+                                        arguments.key_uri, arguments.server_name))
+    else:
+        text = snippets.p11kit_module(module)
+    if arguments.install:
+        target = Path(arguments.install)
+        if target.is_dir() or not target.suffix:  # a directory, made if need be
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / {"p11kit": "p11grid.module", "openssl": "p11grid-openssl.cnf",
+                               "nginx": "p11grid-nginx.conf"}[arguments.what]
+        try:
+            target.write_text(text)
+        except OSError as error:
+            print(f"p11grid config {arguments.what}: cannot write {target}: {error.strerror}",
+                  file=sys.stderr)
+            return 1
+        print(f"p11grid config {arguments.what}: wrote {target}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -51,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a process may take to end after SIGTERM before SIGKILL",
     )
     sandbox_parser.set_defaults(func=_sandbox)
+    config = commands.add_parser(
+        "config", help="print ready configuration for OpenSSL, nginx or p11-kit")
+    config.add_argument("what", choices=("openssl", "nginx", "p11kit"))
+    config.add_argument("--module", help=f"the module (default {paths.MODULE_PATH})")
+    config.add_argument("--engine", help="openssl: the libp11 engine (default: found)")
+    config.add_argument("--pin", help="openssl: the user PIN the engine logs in with")
+    config.add_argument("--key-uri", help="nginx: the key's PKCS#11 URI")
+    config.add_argument("--certificate", help="nginx: the server certificate file")
+    config.add_argument("--listen", default="127.0.0.1:8443", help="nginx: listen address")
+    config.add_argument("--server-name", default="localhost", help="nginx: server_name")
+    config.add_argument("--install", metavar="PATH",
+                        help="write it there (a directory: p11-kit's is /etc/pkcs11/modules) "
+                             "instead of printing it")
+    config.set_defaults(func=_config)
     grid_cli.register(commands)
     idm_cli.register(commands)
     idm_cli.register_tokens(commands)

@@ -34,7 +34,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from idm.authority import Authority
-from p11grid import ca, paths, sandbox_grid, sandbox_identity, sandbox_piv, sandbox_token
+from p11grid import (
+    ca,
+    paths,
+    sandbox_grid,
+    sandbox_identity,
+    sandbox_piv,
+    sandbox_token,
+    snippets,
+)
 
 Say = Callable[[str], None]
 
@@ -360,36 +368,10 @@ def _module_conf_text(sandbox: Sandbox, softhsm_library: Path) -> str:
     )
 
 
-def _openssl_quote(value: str) -> str:
-    # Inside double quotes OpenSSL neither expands $VAR nor treats # as a comment.
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def openssl_conf_text(sandbox: Sandbox, engine: Path, module: Path, pin: str) -> str:
-    """An OpenSSL config loading the libp11 engine on `module`.
-
-    It names no providers section, so OpenSSL still loads its default provider by itself
-    and `openssl req/x509/s_client` work as usual; the system openssl.cnf is not included
-    because its own `openssl_init` section would clash with ours.
-    """
-    return (
-        f"# OpenSSL configuration of the p11grid sandbox {sandbox.directory}\n"
-        "openssl_conf = openssl_init\n"
-        "\n"
-        "[openssl_init]\n"
-        "engines = engine_section\n"
-        "\n"
-        "[engine_section]\n"
-        "pkcs11 = pkcs11_section\n"
-        "\n"
-        "[pkcs11_section]\n"
-        "engine_id = pkcs11\n"
-        f"dynamic_path = {_openssl_quote(str(engine))}\n"
-        f"MODULE_PATH = {_openssl_quote(str(module))}\n"
-        f"PIN = {_openssl_quote(pin)}\n"
-        "# nginx looks the engine up by id: it must be initialised when the config loads.\n"
-        "init = 1\n"
-    )
+    """An OpenSSL config loading the libp11 engine on `module` (p11grid/snippets.py)."""
+    return snippets.openssl_engine_conf(
+        engine, module, pin, f"OpenSSL configuration of the p11grid sandbox {sandbox.directory}")
 
 
 def _env_text(variables: dict[str, str]) -> str:

@@ -1,0 +1,124 @@
+"""`p11grid config openssl|nginx|p11kit`: what they print works in the programs it is for
+(OpenSSL's engine, nginx, p11-kit and GnuTLS's p11tool), against the session's sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+
+P11GRID = [sys.executable, "-m", "p11grid"]
+P11KIT_MODULES = Path("/etc/pkcs11/modules")
+
+
+def _config(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*P11GRID, "config", *arguments], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_openssl_snippet_signs_through_the_engine(sandbox: dict[str, str],
+                                                  sandbox_environ: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    printed = _config("openssl", "--pin", sandbox["P11GRID_PIN"], env=sandbox_environ)
+    assert printed.returncode == 0, printed.stderr
+    assert f'MODULE_PATH = "{sandbox["P11GRID_MODULE"]}"' in printed.stdout
+    (tmp_path / "openssl.cnf").write_text(printed.stdout)
+    digest = hashlib.sha256(b"p11grid config openssl").digest()
+    (tmp_path / "digest").write_bytes(digest)
+    signed = subprocess.run(
+        ["openssl", "pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-inkey",
+         sandbox["P11GRID_EC_URI"], "-sign", "-in", str(tmp_path / "digest")],
+        env={**sandbox_environ, "OPENSSL_CONF": str(tmp_path / "openssl.cnf")},
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert signed.returncode == 0, signed.stderr
+    certificate = x509.load_pem_x509_certificate(
+        (Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem").read_bytes())
+    public_key = certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(signed.stdout, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_nginx_snippet_passes_nginx_t(sandbox: dict[str, str], sandbox_environ: dict[str, str],
+                                      tmp_path: Path) -> None:
+    """`nginx -t` loads the key through the engine: the snippet is complete."""
+    printed = _config("nginx", "--key-uri", sandbox["P11GRID_EC_URI"], "--certificate",
+                      str(Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem"), "--listen",
+                      "127.0.0.1:1", env=sandbox_environ)
+    assert printed.returncode == 0, printed.stderr
+    main, _, server = printed.stdout.partition("# inside http { }:")
+    assert "env P11GRID_CONF;" in main
+    (tmp_path / "logs").mkdir()
+    config = tmp_path / "nginx.conf"
+    config.write_text(f"pid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'error.log'};\n"
+                      f"{main}\nevents {{}}\nhttp {{\naccess_log off;\n{server}}}\n")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    checked = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(config)],
+                             env=sandbox_environ, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert "test is successful" in checked.stderr
+
+
+@pytest.fixture()
+def p11kit_registration(sandbox_environ: dict[str, str]) -> Iterator[Path]:
+    """Our module file in /etc/pkcs11/modules for one test (p11-kit ignores the user's
+    own configuration when run as root), removed afterwards with what it created."""
+    created = [d for d in (P11KIT_MODULES.parent, P11KIT_MODULES) if not d.exists()]
+    installed = _config("p11kit", "--install", str(P11KIT_MODULES), env=sandbox_environ)
+    assert installed.returncode == 0, installed.stderr
+    module_file = P11KIT_MODULES / "p11grid.module"
+    try:
+        yield module_file
+    finally:
+        module_file.unlink(missing_ok=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def test_p11kit_and_gnutls_find_the_module(p11kit_registration: Path,
+                                           sandbox: dict[str, str],
+                                           sandbox_environ: dict[str, str]) -> None:
+    assert f"module: {sandbox['P11GRID_MODULE']}" in p11kit_registration.read_text()
+    listed = subprocess.run(["p11-kit", "list-modules"], env=sandbox_environ,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    ours = listed.stdout[listed.stdout.index(f"p11grid: {sandbox['P11GRID_MODULE']}"):]
+    assert "token: vm-se" in ours and "token: piv-se" in ours
+    tokens = subprocess.run(["p11tool", "--list-tokens"], env=sandbox_environ,
+                            capture_output=True, text=True, timeout=120).stdout
+    assert "manufacturer=p11grid;serial=" in tokens and "token=vm-se" in tokens
+
+
+def test_gnutls_signs_with_the_module(sandbox: dict[str, str],
+                                      sandbox_environ: dict[str, str]) -> None:
+    """GnuTLS's p11tool loading our module itself (through p11-kit it would also load the
+    system's SoftHSM2 module, the library that holds the sandbox's hypervisor key: see
+    docs/return-values.md on a library loaded twice in one process)."""
+    tested = subprocess.run(
+        ["p11tool", "--provider", sandbox["P11GRID_MODULE"], "--login", "--test-sign",
+         sandbox["P11GRID_EC_URI"]], env={**sandbox_environ,
+                                          "GNUTLS_PIN": sandbox["P11GRID_PIN"]},
+        capture_output=True, text=True, timeout=120)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "Verifying against public key in the token... ok" in tested.stdout + tested.stderr
+
+
+def test_install_into_a_missing_directory_and_clear_errors(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    made = _config("p11kit", "--install", str(tmp_path / "new" / "modules"), env=env)
+    assert made.returncode == 0 and (tmp_path / "new" / "modules" / "p11grid.module").exists()
+    refused = _config("p11kit", "--install", "/proc/p11grid.module", env=env)
+    assert refused.returncode == 1 and "cannot write /proc/p11grid.module" in refused.stderr
+    missing = _config("nginx", env=env)
+    assert missing.returncode == 2 and "--key-uri and --certificate" in missing.stderr
