@@ -47,6 +47,12 @@ def _config(arguments: argparse.Namespace) -> int:
                 + "\n# inside http { }:\n"
                 + snippets.nginx_server(arguments.listen, Path(arguments.certificate).resolve(),
                                         arguments.key_uri, arguments.server_name))
+    elif arguments.what in ("systemd-grid", "systemd-idp"):
+        p11grid = Path(sys.argv[0]).resolve() if Path(sys.argv[0]).name == "p11grid" \
+            else Path(sys.executable).parent / "p11grid"
+        text = snippets.systemd_unit(arguments.what.split("-", 1)[1], p11grid,
+                                     Path(arguments.service_config).resolve()
+                                     if arguments.service_config else None)
     else:
         text = snippets.p11kit_module(module)
     if arguments.install:
@@ -54,7 +60,9 @@ def _config(arguments: argparse.Namespace) -> int:
         if target.is_dir() or not target.suffix:  # a directory, made if need be
             target.mkdir(parents=True, exist_ok=True)
             target = target / {"p11kit": "p11grid.module", "openssl": "p11grid-openssl.cnf",
-                               "nginx": "p11grid-nginx.conf"}[arguments.what]
+                               "nginx": "p11grid-nginx.conf",
+                               "systemd-grid": "p11grid-grid.service",
+                               "systemd-idp": "p11grid-idp.service"}[arguments.what]
         try:
             target.write_text(text)
         except OSError as error:
@@ -89,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sandbox_parser.set_defaults(func=_sandbox)
     config = commands.add_parser(
-        "config", help="print ready configuration for OpenSSL, nginx or p11-kit")
-    config.add_argument("what", choices=("openssl", "nginx", "p11kit"))
+        "config", help="print ready configuration for OpenSSL, nginx, p11-kit or systemd")
+    config.add_argument("what", choices=("openssl", "nginx", "p11kit", "systemd-grid",
+                                         "systemd-idp"))
     config.add_argument("--module", help=f"the module (default {paths.MODULE_PATH})")
     config.add_argument("--engine", help="openssl: the libp11 engine (default: found)")
     config.add_argument("--pin", help="openssl: the user PIN the engine logs in with")
@@ -98,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--certificate", help="nginx: the server certificate file")
     config.add_argument("--listen", default="127.0.0.1:8443", help="nginx: listen address")
     config.add_argument("--server-name", default="localhost", help="nginx: server_name")
+    config.add_argument("--service-config", help="systemd-*: the service's TOML config "
+                                                 "(default /etc/p11grid/grid.toml or idp.toml)")
     config.add_argument("--install", metavar="PATH",
                         help="write it there (a directory: p11-kit's is /etc/pkcs11/modules) "
                              "instead of printing it")

@@ -81,3 +81,50 @@ def p11kit_module(module: Path) -> str:
         "critical: no\n"
         "trust-policy: no\n"
     )
+
+
+SERVICES = {
+    "grid": ("p11grid grid service: secure elements behind mutual TLS",
+             "grid serve --config {config}", "/etc/p11grid/grid.toml"),
+    "idp": ("p11grid OpenID provider: hypervisors' proof of possession, token exchange",
+            "idp serve --config {config}", "/etc/p11grid/idp.toml"),
+}
+
+
+def systemd_unit(service: str, p11grid: Path, config: Path | None) -> str:
+    """A systemd unit for a long-running p11grid service ("grid" or "idp")."""
+    description, command, default_config = SERVICES[service]
+    arguments = command.format(config=config or default_config)
+    return "\n".join([
+        "[Unit]",
+        f"Description={description}",
+        "After=network-online.target",
+        "Wants=network-online.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={p11grid} {arguments}",
+        # SIGTERM: the service stops accepting, finishes what it holds, and exits.
+        "KillSignal=SIGTERM",
+        "TimeoutStopSec=20",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "StateDirectory=p11grid",
+        "LogsDirectory=p11grid",
+        "RuntimeDirectory=p11grid",
+        "UMask=0077",
+        # It holds keys' PINs in memory and talks to tokens: keep the rest of the system
+        # out of its reach.
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectHome=read-only",
+        "ProtectSystem=full",
+        "ProtectKernelTunables=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "LockPersonality=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])

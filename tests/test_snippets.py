@@ -122,3 +122,25 @@ def test_install_into_a_missing_directory_and_clear_errors(tmp_path: Path) -> No
     assert refused.returncode == 1 and "cannot write /proc/p11grid.module" in refused.stderr
     missing = _config("nginx", env=env)
     assert missing.returncode == 2 and "--key-uri and --certificate" in missing.stderr
+
+
+@pytest.mark.parametrize("service", ["grid", "idp"])
+def test_systemd_units_verify(service: str, tmp_path: Path) -> None:
+    env = dict(os.environ)
+    written = _config(f"systemd-{service}", "--service-config", f"/etc/p11grid/{service}.toml",
+                      "--install", str(tmp_path), env=env)
+    assert written.returncode == 0, written.stderr
+    unit = tmp_path / f"p11grid-{service}.service"
+    text = unit.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    binary, *arguments = exec_start.split("=", 1)[1].split()
+    assert Path(binary).is_file() and os.access(binary, os.X_OK), binary
+    assert arguments == [service, "serve", "--config", f"/etc/p11grid/{service}.toml"]
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is missing (Debian package systemd)"
+    verified = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                              timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    helped = subprocess.run([binary, *arguments[:2], "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert helped.returncode == 0 and "--config" in helped.stdout
