@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a process may take to end after SIGTERM before SIGKILL",
     )
     sandbox_parser.set_defaults(func=_sandbox)
+    status = commands.add_parser(
+        "status", help="the health of what the module needs: config, grid, elements, identity")
+    status.set_defaults(func=lambda arguments: __import__("p11grid.status").status.main())
     config = commands.add_parser(
         "config", help="print ready configuration for OpenSSL, nginx, p11-kit or systemd")
     config.add_argument("what", choices=("openssl", "nginx", "p11kit", "systemd-grid",

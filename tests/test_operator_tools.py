@@ -1,5 +1,6 @@
-"""`p11grid config openssl|nginx|p11kit`: what they print works in the programs it is for
-(OpenSSL's engine, nginx, p11-kit and GnuTLS's p11tool), against the session's sandbox."""
+"""Operator tools against the session's sandbox: `p11grid config openssl|nginx|p11kit|
+systemd-*` (what they print works in OpenSSL's engine, nginx, p11-kit, GnuTLS's p11tool and
+systemd-analyze) and `p11grid status` (health, and each failure named)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -144,3 +146,33 @@ def test_systemd_units_verify(service: str, tmp_path: Path) -> None:
     helped = subprocess.run([binary, *arguments[:2], "--help"], capture_output=True,
                             text=True, timeout=60)
     assert helped.returncode == 0 and "--config" in helped.stdout
+
+
+def test_status_reports_health_and_each_failure(sandbox: dict[str, str],
+                                                sandbox_environ: dict[str, str],
+                                                tmp_path: Path) -> None:
+    healthy = subprocess.run([*P11GRID, "status"], env=sandbox_environ, capture_output=True,
+                             text=True, timeout=120)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    for line in ("ok    grid 127.0.0.1:", "ok    slot vm-se (element vm-se): bound to us",
+                 "ok    OpenID provider https://127.0.0.1:", "ok    VM-Auth-Token: valid for "
+                 "spiffe://p11grid.sandbox/vm/vm-1", "status: healthy"):
+        assert line in healthy.stdout, healthy.stdout
+    # A dead endpoint and a foreign token file: each named, status not healthy.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{unused.getsockname()[1]}"
+    token = tmp_path / "tampered.jwt"
+    head, body, signature = Path(sandbox["P11GRID_VM_TOKEN"]).read_text().strip().split(".")
+    token.write_text(f"{head}.{body[:-2]}{'AA' if body[-2:] != 'AA' else 'BB'}.{signature}")
+    config = tmp_path / "p11grid.toml"
+    config.write_text(Path(sandbox["P11GRID_CONF"]).read_text()
+                      .replace(sandbox["P11GRID_GRID_ADDR"], dead)
+                      .replace(sandbox["P11GRID_VM_TOKEN"], str(token)))
+    unhealthy = subprocess.run([*P11GRID, "status"], capture_output=True, text=True,
+                               env={**sandbox_environ, "P11GRID_CONF": str(config)},
+                               timeout=120)
+    assert unhealthy.returncode == 1
+    assert f"FAIL  grid {dead}: GridUnreachable" in unhealthy.stdout, unhealthy.stdout
+    assert "FAIL  VM-Auth-Token" in unhealthy.stdout and "signature" in unhealthy.stdout
+    assert "status: NOT healthy" in unhealthy.stdout
