@@ -63,6 +63,7 @@ from idm.idp_client import (  # the protocol's names, defined once with the clie
     TYPE_VM_AUTH,
     TYPE_VM_IDENTITY,
 )
+from idm.metrics import ServiceMetrics
 from idm.tokens import (
     ALGORITHMS,
     LEEWAY,
@@ -111,6 +112,7 @@ class IdpConfig:
     recorded_tokens: Path | None
     log_file: Path | None
     pid_file: Path | None
+    metrics: tuple[str, int] | None = None  # Prometheus endpoint (host, port)
 
     @property
     def token_endpoint(self) -> str:
@@ -123,7 +125,8 @@ class IdpConfig:
 
 _KNOWN_KEYS = frozenset({
     "listen", "issuer", "certificate", "key", "ca_dir", "signing_key", "audiences",
-    "access_token_lifetime", "token_max_lifetime", "recorded_tokens", "log_file", "pid_file"})
+    "access_token_lifetime", "token_max_lifetime", "recorded_tokens", "log_file", "pid_file",
+    "metrics"})
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -202,7 +205,17 @@ def load_config(path: Path) -> IdpConfig:
         recorded_tokens=path_of("recorded_tokens", required=False),
         log_file=path_of("log_file", required=False),
         pid_file=path_of("pid_file", required=False),
+        metrics=_metrics_listen(table.get("metrics"), where),
     )
+
+
+def _metrics_listen(value: object, where: str) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_listen(str(value))
+    except ValueError as exc:
+        raise IdpConfigError(f"{where}: metrics: {exc}") from None
 
 
 # --- keys and trust ----------------------------------------------------------------------
@@ -328,6 +341,12 @@ def _refusal(what: str, report: TokenReport) -> OAuthError:
     return _invalid_request(f"{what}: {report.refusal()}")
 
 
+def _level(subject_token_type: str | None) -> str:
+    """The kind of exchange, for metrics: vm, app or recorded (Option 1)."""
+    return {TYPE_VM_AUTH: "vm", TYPE_APP_AUTH: "app", TYPE_VM_IDENTITY: "recorded"}.get(
+        subject_token_type or "", "other")
+
+
 def _short(value: str, limit: int = 80) -> str:
     """A value the client sent, cut short for a message (never a whole token)."""
     return value if len(value) <= limit else value[:limit] + "..."
@@ -350,6 +369,7 @@ class Provider:
         self.signing_key = signing_key or SigningKey.load_or_create(config.signing_key)
         self.replay = replay or ReplayCache()
         self.clock = clock
+        self._metrics: ServiceMetrics | None = None
 
     # --- metadata ------------------------------------------------------------------------
 
@@ -380,10 +400,20 @@ class Provider:
 
     # --- the token endpoint --------------------------------------------------------------
 
+    @property
+    def metrics(self) -> ServiceMetrics:
+        """Token requests by level (vm, app, recorded) and result (ok or the OAuth error);
+        a module renewing its tokens is one more request here."""
+        if self._metrics is None:
+            self._metrics = ServiceMetrics("p11grid_idp")
+        return self._metrics
+
     def token(self, form: Mapping[str, str], tls_certificate: bytes | None,
               authorization: str | None, peer: str) -> dict[str, Any]:
         """The token response for one request, or OAuthError; one log line either way."""
         client: Client | None = None
+        started = time.monotonic()
+        level = _level(form.get("subject_token_type"))
         try:
             grant = form.get("grant_type")
             if grant is None:
@@ -398,9 +428,11 @@ class Provider:
             who = client.identity.uri if client is not None else "unauthenticated client"
             log.warning("token request from %s (%s) refused: %s: %s", peer, who,
                         refusal.error, _ascii(refusal.description))
+            self.metrics.observe(level, refusal.error, time.monotonic() - started)
             raise
         log.info("token request from %s (%s by %s): %s", peer, client.identity.uri,
                  client.method, summary)
+        self.metrics.observe(level, "ok", time.monotonic() - started)
         return response
 
     def _authenticate(self, form: Mapping[str, str], tls_certificate: bytes | None,

@@ -42,6 +42,10 @@ def serve(arguments: argparse.Namespace) -> int:
         _log_to(config.log_file)
         server = IdpServer(config)
         server.start()
+        if config.metrics is not None:
+            from idm.metrics import serve_metrics
+
+            serve_metrics(server.provider.metrics, *config.metrics)
     except (IdpConfigError, OSError) as exc:
         print(f"p11grid idp serve: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ class Grid:
     hv_key: ec.EllipticCurvePrivateKey
     idp_key: ec.EllipticCurvePrivateKey
     env: dict[str, str]
+    metrics_port: int
 
     def pool(self, name: str) -> GridPool:
         return GridPool(GridSettings(endpoints=(("127.0.0.1", self.port),),
@@ -118,9 +119,13 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
     (root / "grid.toml").write_text(f"""
 [grid]
 listen = "127.0.0.1:{port}"
+metrics = "127.0.0.1:{metrics_port}"
 certificate = "{root / 'grid-1.pem'}"
 key = "{root / 'grid-1.key'}"
 client_ca = "{root / 'ca' / 'ca.pem'}"
@@ -142,7 +147,7 @@ max_token_lifetime = 7200
     ready = process.stdout.readline()
     assert "serving" in ready, process.stderr.read() if process.stderr else ""
     try:
-        yield Grid(root, ca, port, hv_key, idp_key, env)
+        yield Grid(root, ca, port, hv_key, idp_key, env, metrics_port)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
@@ -214,4 +219,33 @@ def test_authorization_ends_with_its_tokens(grid: Grid) -> None:
     time.sleep(max(0.0, granted["expires"] - time.time()) + 0.2)
     with pytest.raises(AuthorizationNeeded, match="ended with its tokens"):
         pool.call("objects", handle, idempotent=True)
+    pool.close()
+
+
+def test_prometheus_metrics(grid: Grid) -> None:
+    """Requests by operation and result (failures by reason), durations, gauges: scraped
+    over HTTP and read with prometheus_client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pool = grid.pool("vm-1")
+    granted = _authorize(pool, access_token=grid.access(), vm_token=grid.vm_token())
+    pool.call("login", {"seid": "se-1", "authorization": granted["authorization"],
+                        "pin": PIN}, idempotent=False)
+    with pytest.raises(IdentityRefused):
+        _authorize(pool)
+    with urllib.request.urlopen(f"http://127.0.0.1:{grid.metrics_port}/metrics",
+                                timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("p11grid_grid_requests_total",
+                    (("operation", "authorize"), ("result", "ok")))] >= 1
+    assert samples[("p11grid_grid_requests_total",
+                    (("operation", "authorize"), ("result", "identity")))] >= 1
+    assert samples[("p11grid_grid_request_seconds_count", (("operation", "login"),))] >= 1
+    assert samples[("p11grid_grid_connections", ())] >= 1
+    assert samples[("p11grid_grid_sessions", ())] >= 1
+    assert samples[("p11grid_grid_authorizations", ())] >= 1
     pool.close()

@@ -212,10 +212,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
                        capture_output=True, timeout=120)
     # The OpenID provider.
     idp_port = _free_port()
+    idp_metrics = _free_port()
     (root / "recorded").mkdir()
     idp_config = root / "idp.toml"
     idp_config.write_text(f"""[idp]
 listen = "127.0.0.1:{idp_port}"
+metrics = "127.0.0.1:{idp_metrics}"
 issuer = "https://127.0.0.1:{idp_port}"
 certificate = "{root / 'idp-1.pem'}"
 key = "{root / 'idp-1.key'}"
@@ -252,7 +254,8 @@ result_header = "rsa-oaep-sha1"
 """)
     grid = _start([str(VENV_BIN / "p11grid"), "grid", "serve", "--config",
                    str(root / "grid.toml")], env, "serving")
-    env.update({"GRID_PORT": str(grid_port), "IDP_PORT": str(idp_port)})
+    env.update({"GRID_PORT": str(grid_port), "IDP_PORT": str(idp_port),
+                "IDP_METRICS": str(idp_metrics)})
     try:
         yield Chain(root, ca, env, idp_config)
     finally:
@@ -452,3 +455,20 @@ def test_app_level_key_through_the_module(chain: Chain) -> None:
     refused = chain.sign(config("app-outliving", outliving))
     assert "refused by the module: within vm token" in \
         (chain.root / "app-outliving.log").read_text()
+
+
+def test_provider_metrics_count_exchanges_by_level_and_result(chain: Chain) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    signed = chain.sign(_option2(chain, "metrics", chain.vm_token()))
+    assert signed.returncode == 0, signed.stderr
+    with urllib.request.urlopen(f"http://127.0.0.1:{chain.env['IDP_METRICS']}/metrics",
+                                timeout=10) as answer:
+        families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+    requests = {tuple(sorted(s.labels.items())): s.value
+                for s in families["p11grid_idp_requests"].samples if s.name.endswith("_total")}
+    assert requests[(("operation", "vm"), ("result", "ok"))] >= 1
+    assert any(s.labels.get("operation") == "vm" and s.name.endswith("_count")
+               for s in families["p11grid_idp_request_seconds"].samples)

@@ -103,6 +103,17 @@ def serve(arguments: argparse.Namespace) -> int:
     except (RegistryError, OSError, ValueError, ChainRefused) as exc:
         print(f"p11grid grid serve: cannot start: {exc}", file=sys.stderr)
         return 1
+    if config.metrics is not None:
+        from idm.metrics import serve_metrics
+
+        try:
+            serve_metrics(server.metrics, config.metrics.host, config.metrics.port)
+        except OSError as exc:
+            server.stop()
+            print(f"p11grid grid serve: cannot serve metrics on {config.metrics}: {exc}",
+                  file=sys.stderr)
+            return 1
+        log.info("Prometheus metrics on http://%s/metrics", config.metrics)
     racs = None
     if config.racs is not None:
         from grid_backend.racs.hosting import start_racs

@@ -11,6 +11,7 @@
     pid_file = "/run/p11grid/grid.pid"       # optional
     max_connections = 256
     idle_timeout = 600                       # seconds a quiet connection is kept
+    metrics = "127.0.0.1:9464"               # optional: Prometheus endpoint (/metrics)
 
     [identity]                               # optional: the three-element check (issue 4)
     sp = "spiffe://example.org/sp/grid"      # this SP: the audience tokens must name
@@ -95,6 +96,7 @@ class GridConfig:
     idle_timeout: float
     racs: RacsSettings | None
     identity: IdentitySettings | None = None
+    metrics: Endpoint | None = None
 
 
 def _path(table: dict[str, Any], key: str, where: str, required: bool = True) -> Path | None:
@@ -126,7 +128,7 @@ def load(path: Path) -> GridConfig:
         raise GridConfigError(f"{path}: a [grid] table is needed")
     where = f"{path} [grid]"
     known = {"listen", "certificate", "key", "client_ca", "registry", "audit_log", "log_file",
-             "pid_file", "max_connections", "idle_timeout"}
+             "pid_file", "max_connections", "idle_timeout", "metrics"}
     if set(grid) - known:
         raise GridConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(grid) - known))}")
     racs = None
@@ -153,6 +155,7 @@ def load(path: Path) -> GridConfig:
         racs=racs,
         identity=_identity(data["identity"], f"{path} [identity]") if "identity" in data
         else None,
+        metrics=Endpoint.parse(str(grid["metrics"]), where) if "metrics" in grid else None,
     )
 
 

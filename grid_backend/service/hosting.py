@@ -73,6 +73,10 @@ class HostedElement:
         self._sessions: OrderedDict[str, GridSession] = OrderedDict()
         self._private: dict[str, ElementObject] = {}
 
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
     def open(self) -> None:
         with self._lock:
             if not self._opened:

@@ -54,6 +54,7 @@ from grid_backend.secure_element import (
 )
 from grid_backend.service.config import GridConfig
 from grid_backend.service.hosting import HostedElement, check_pin_shape
+from idm.metrics import ServiceMetrics
 from idm.relying_party import AuthorizationRefused, RelyingParty
 
 log = logging.getLogger("p11grid.grid")
@@ -257,6 +258,12 @@ class GridService:
         if not isinstance(length, int) or not 0 <= length <= 1 << 16:
             raise ProtocolViolation("length must be 0..65536")
         return {"result": self._element(caller, arguments).random(length)}
+
+    def session_count(self) -> int:
+        return sum(hosted.session_count for hosted in list(self._hosted.values()))
+
+    def authorization_count(self) -> int:
+        return len(self._authorizations)
 
     def key_label(self, seid: str, ref: object) -> str:
         element = self._hosted.get(seid)
@@ -470,6 +477,12 @@ class GridServer:
         self._workers = ThreadPoolExecutor(max_workers=SLOW_WORKERS,
                                            thread_name_prefix="grid-element")
         self._took: dict[tuple[Any, ...], float] = {}  # smoothed element-call time per kind
+        self._connections = 0
+        self.metrics = ServiceMetrics("p11grid_grid")
+        self.metrics.gauge("connections", "Open caller connections", lambda: self._connections)
+        self.metrics.gauge("sessions", "Grid sessions (logins) held", service.session_count)
+        self.metrics.gauge("authorizations", "Identity authorizations held",
+                           service.authorization_count)
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -544,6 +557,7 @@ class GridServer:
             raw.close()
             self._slots.release()
             return
+        self._connections += 1  # the GIL makes this and the decrement below exact enough
         self._incoming.put(_Link(tls, caller))
         self._wake()
 
@@ -557,6 +571,7 @@ class GridServer:
             link.tls.close()
         except OSError:
             pass
+        self._connections -= 1
         self._slots.release()
 
     def _react(self) -> None:
@@ -735,6 +750,7 @@ class GridServer:
                body: dict[str, Any], took: float) -> None:
         seid = str(arguments.get("seid", ""))
         result = "ok" if ok else str(body.get("error"))
+        self.metrics.observe(operation, result, took)
         ms = took * 1000
         if operation in ("sign", "decrypt"):
             mechanism = arguments.get("mechanism", 0)
