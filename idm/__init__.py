@@ -1,1 +1,3 @@
-"""Identity management: IAM root CA, VM-/APP-Auth-Tokens, OpenID provider (later issues)."""
+"""Identity management: the IAM root CA, VM-/APP-Auth-Tokens, the OpenID provider, the
+module's identity gate and the grid's three-element check (the lowest room: it imports
+nothing else of ours)."""
