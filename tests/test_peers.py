@@ -117,7 +117,13 @@ def fetch(server: nginx.NginxServer, label: str, version: str, ca: str) -> tuple
         ["curl", "--silent", "--show-error", "--max-time", "20", "--cacert", ca,
          "--resolve", f"localhost:{port}:127.0.0.1", *TLS[version], server.url(label)],
         env=environ, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
+    if result.returncode != 0:
+        # What nginx and the module said: a failed handshake's cause is in their logs.
+        module_log = server.directory / "p11grid.log"
+        problems = [line for line in module_log.read_text(errors="replace").splitlines()
+                    if " INFO " not in line or "CKR_" in line][-12:]
+        raise AssertionError(f"{result.stderr}\nnginx:\n{nginx.tail(server.error_log)}\n"
+                             "module log (not INFO, or a CK_RV):\n" + "\n".join(problems))
     answer = ANSWER.search(result.stdout)
     assert answer, result.stdout
     return answer.groups()
