@@ -195,6 +195,15 @@ class IdentityGate:
 
         return serialization.load_pem_public_key(data)
 
+    def check_vm_token(self) -> TokenReport:
+        """The Option 2 token file checked as `credentials()` checks it, without asking
+        anyone (for `p11grid status`); GateRefused with the reason and what to do."""
+        if self.settings.vm_token is None:
+            raise GateRefused("no vm_token file: the provider hands the token out (Option 1)")
+        return self._check(self._read_token(self.settings.vm_token),
+                           str(self.settings.vm_token), "vm",
+                           self.settings.vm_certificate or self.settings.certificate)
+
     @staticmethod
     def _read_token(path: Path) -> str:
         try:

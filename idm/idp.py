@@ -56,6 +56,7 @@ from idm.authority import write_file
 from idm.chain import ChainRefused, TrustAnchor, verify_chain
 from idm.identity import Identity, IdentityError
 from idm.idp_client import (  # the protocol's names, defined once with the client
+    ACCESS_TOKEN_TYP,
     ASSERTION_TYPE,
     GRANT_TOKEN_EXCHANGE,
     TYPE_ACCESS_TOKEN,
@@ -76,7 +77,6 @@ from idm.tokens import (
 
 log = logging.getLogger("p11grid.idp")
 
-ACCESS_TOKEN_TYP = "at+jwt"  # RFC 9068 section 2.1
 SIGNING_ALGORITHM = "ES256"
 AUTH_METHODS = ("private_key_jwt", "tls_client_auth")
 

@@ -37,6 +37,7 @@ TYPE_ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 TYPE_VM_AUTH = "urn:p11grid:params:oauth:token-type:vm-auth-token"
 TYPE_APP_AUTH = "urn:p11grid:params:oauth:token-type:app-auth-token"
 TYPE_VM_IDENTITY = "urn:p11grid:params:oauth:token-type:vm-identity"
+ACCESS_TOKEN_TYP = "at+jwt"  # RFC 9068 section 2.1: the JWT header of our access tokens
 
 DEFAULT_TIMEOUT = 10.0
 ASSERTION_LIFETIME = 60  # seconds; the provider accepts at most 300

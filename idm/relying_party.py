@@ -25,6 +25,7 @@ from cryptography import x509
 
 from idm.chain import TrustAnchor
 from idm.identity import Identity, IdentityError, identity_of
+from idm.idp_client import ACCESS_TOKEN_TYP
 from idm.tokens import (
     DEFAULT_MAX_LIFETIME,
     LEEWAY,
@@ -35,7 +36,8 @@ from idm.tokens import (
     verify_token,
 )
 
-ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")
+# RFC 9068 section 2.1 allows the media type's full form too.
+ACCESS_TOKEN_TYPES = (ACCESS_TOKEN_TYP, f"application/{ACCESS_TOKEN_TYP}")
 ACCESS_ALGORITHMS = ("ES256", "ES384", "RS256")
 
 

@@ -86,28 +86,12 @@ def _identity_checks(report: Report, loaded: module_config.ModuleConfig) -> None
         return
 
     def token() -> str:
-        from cryptography import x509
+        from provider.module import identity_gate
 
-        from idm.chain import TrustAnchor
-        from idm.identity import identity_of
-        from idm.tokens import Expectations, verify_token
-
-        assert loaded.grid is not None
-        text = Path(str(identity.vm_token)).read_text().strip()
-        certificate = x509.load_pem_x509_certificate(Path(identity.vm_certificate or
-                                                          loaded.grid.certificate).read_bytes())
-        hypervisor = x509.load_pem_x509_certificate(Path(identity.hv_certificate).read_bytes())
-        report_ = verify_token(text, "vm", Expectations(
-            anchor=TrustAnchor.load(Path(identity.ca),
-                                    Path(identity.crl) if identity.crl else None),
-            audience=identity.audience,
-            max_lifetime=datetime.timedelta(seconds=identity.max_token_lifetime),
-            presented_certificate=certificate, authenticated_issuer=identity_of(hypervisor)))
-        refusal = report_.refusal()
-        if refusal is not None:
-            raise RuntimeError(f"{identity.vm_token} refused: {refusal}")
-        left = report_.expires - datetime.datetime.now(datetime.UTC)
-        return f"valid for {report_.subject}, {len(report_.checks)} checks, expires in " \
+        assert loaded.grid is not None and identity is not None
+        checked = identity_gate(identity, loaded.grid.certificate).check_vm_token()
+        left = checked.expires - datetime.datetime.now(datetime.UTC)
+        return f"valid for {checked.subject}, {len(checked.checks)} checks, expires in " \
             f"{left.total_seconds() / 3600:.1f} h"
 
     report.check("VM-Auth-Token", token)

@@ -81,6 +81,27 @@ class Backend:
     discover: Callable[[], list[SecureElementConfig]] | None = None
 
 
+def identity_gate(identity: IdentityConfig, certificate: str) -> Any:
+    """The idm.gate.IdentityGate for an `[identity]` table (certificate: `[grid]`'s)."""
+    import datetime
+
+    from idm.gate import GateSettings, IdentityGate
+
+    optional = lambda value: Path(value) if value else None  # noqa: E731
+    return IdentityGate(GateSettings(
+        audience=identity.audience, ca=Path(identity.ca), crl=optional(identity.crl),
+        certificate=Path(certificate), idp=identity.idp,
+        hv_certificate=Path(identity.hv_certificate), vm_token=optional(identity.vm_token),
+        vm=identity.vm, hv_key=identity.hv_key, hv_module=optional(identity.hv_module),
+        hv_environment=dict(identity.hv_environment),
+        hv_key_file=optional(identity.hv_key_file),
+        max_token_lifetime=datetime.timedelta(seconds=identity.max_token_lifetime),
+        result_authority=optional(identity.result_authority),
+        app_token=optional(identity.app_token),
+        vm_certificate=optional(identity.vm_certificate),
+        vm_key_file=optional(identity.vm_key_file)))
+
+
 def _identity_gate(identity: IdentityConfig, certificate: str
                    ) -> tuple[Callable[[], dict[str, str]],
                               Callable[[str, str, bytes, bytes], bytes] | None]:
@@ -93,25 +114,7 @@ def _identity_gate(identity: IdentityConfig, certificate: str
     def gate() -> Any:
         with lock:
             if not gates:
-                import datetime
-
-                from idm.gate import GateSettings, IdentityGate
-
-                optional = lambda value: Path(value) if value else None  # noqa: E731
-                gates.append(IdentityGate(GateSettings(
-                    audience=identity.audience, ca=Path(identity.ca),
-                    crl=optional(identity.crl), certificate=Path(certificate),
-                    idp=identity.idp, hv_certificate=Path(identity.hv_certificate),
-                    vm_token=optional(identity.vm_token), vm=identity.vm,
-                    hv_key=identity.hv_key, hv_module=optional(identity.hv_module),
-                    hv_environment=dict(identity.hv_environment),
-                    hv_key_file=optional(identity.hv_key_file),
-                    max_token_lifetime=datetime.timedelta(
-                        seconds=identity.max_token_lifetime),
-                    result_authority=optional(identity.result_authority),
-                    app_token=optional(identity.app_token),
-                    vm_certificate=optional(identity.vm_certificate),
-                    vm_key_file=optional(identity.vm_key_file))))
+                gates.append(identity_gate(identity, certificate))
         return gates[0]
 
     def credentials() -> dict[str, str]:

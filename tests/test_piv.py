@@ -47,6 +47,7 @@ from grid_backend.virtual_piv.launcher import (
     LauncherFailed,
     client_socket,
     launch,
+    stop,
     wait_until_ready,
 )
 from grid_backend.virtual_piv.state import CardState
@@ -142,13 +143,7 @@ def cards(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cards]:
     finally:
         # Only the launcher's own process group: unshare execs the launcher, which stops
         # its cards and pcscd on SIGTERM.
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGTERM)
-            try:
-                launcher.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(launcher.pid, signal.SIGKILL)
-                launcher.wait()
+        stop(launcher)
         if previous is None:
             os.environ.pop("PCSCLITE_CSOCK_NAME", None)
         else:

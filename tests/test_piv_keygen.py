@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from grid_backend.virtual_piv.launcher import (
     client_socket,
     launch,
     missing_requirements,
+    stop,
     wait_until_ready,
 )
 from grid_backend.virtual_piv.state import CardState
@@ -315,13 +315,7 @@ def card_in_a_reader(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reade
                        P11GRID_REGISTRY=str(work / "registry.sqlite"))
         yield Reader(work / "card", environ)
     finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGTERM)
-            try:
-                launcher.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(launcher.pid, signal.SIGKILL)
-                launcher.wait()
+        stop(launcher)
 
 
 # Opens the element as the grid does after a restart (registry settings), lists its

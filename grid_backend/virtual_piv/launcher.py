@@ -66,7 +66,7 @@ def _pcscd_polkit_options() -> list[str]:
 
 def launch(work: Path, cards: list[tuple[Path, int]], output: Path) -> subprocess.Popen[bytes]:
     """Start the launcher in fresh network and mount namespaces, in a session of its own
-    (stop it with os.killpg); its output goes to `output`."""
+    (stop it with `stop`); its output goes to `output`."""
     command = ["unshare", "--net", "--mount", sys.executable, "-m",
                "grid_backend.virtual_piv.launcher", "--work", str(work)]
     for state, port in cards:
@@ -74,6 +74,19 @@ def launch(work: Path, cards: list[tuple[Path, int]], output: Path) -> subproces
     with open(output, "ab") as log:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
+
+
+def stop(process: subprocess.Popen[bytes], deadline: float = 10.0) -> None:
+    """SIGTERM the launcher's process group (it stops its cards and pcscd), SIGKILL after
+    `deadline` seconds."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def wait_until_ready(process: subprocess.Popen[bytes], work: Path, output: Path,
