@@ -14,7 +14,8 @@ MODULE := build/libp11grid.so
 
 APT_PACKAGES := softhsm2 opensc libengine-pkcs11-openssl libp11-kit-dev nginx p11-kit curl \
 	gnutls-bin python3-venv python3-dev libpython3-dev gcc make \
-	pcscd vsmartcard-vpcd libpcsclite-dev swig iproute2 util-linux p11-kit-modules systemd
+	pcscd vsmartcard-vpcd libpcsclite-dev swig iproute2 util-linux p11-kit-modules systemd \
+	postgresql libnss3-tools
 DEBIAN_MAJOR := $(shell cut -d. -f1 /etc/debian_version 2>/dev/null)
 # pkcs11-provider is packaged from Debian 13 on only.
 ifeq ($(DEBIAN_MAJOR),13)

@@ -8,22 +8,31 @@ access token from the OpenID provider, whose `act` names the HV, or for an APP t
 whose chain reaches the IAM root, whose `iss` is the authenticated identity and whose
 `sub` is bound to the element. Every check has its own refusal message; the access
 token's `jti` is accepted once.
+
+Two checks can be given by whoever runs the relying party (the grid service passes its
+registry, so that every grid node sharing it agrees at once): the `replay` store of
+access-token jtis (in memory by default) and `revoked`, which says whether a certificate
+serial has been revoked. With `revoked`, the caller's certificate and the certificate
+that signed each VM-/APP-Auth-Token are refused as soon as their serial is revoked,
+before the CA's next revocation list. Both fail closed: if they cannot answer, the
+authorization is refused.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography import x509
 
-from idm.chain import TrustAnchor
+from idm.chain import ChainRefused, TrustAnchor, verify_chain
 from idm.identity import Identity, IdentityError, identity_of
 from idm.idp_client import ACCESS_TOKEN_TYP
 from idm.tokens import (
@@ -39,6 +48,14 @@ from idm.tokens import (
 # RFC 9068 section 2.1 allows the media type's full form too.
 ACCESS_TOKEN_TYPES = (ACCESS_TOKEN_TYP, f"application/{ACCESS_TOKEN_TYP}")
 ACCESS_ALGORITHMS = ("ES256", "ES384", "RS256")
+log = logging.getLogger("p11grid.identity")
+
+
+class ReplayStore(Protocol):
+    """Where seen jtis are kept: True the first time `jti` is seen before `expires`
+    (epoch seconds; kept a leeway longer). idm.tokens.ReplayCache keeps them in memory."""
+
+    def first_use(self, jti: str, expires: float) -> bool: ...
 
 
 class AuthorizationRefused(Exception):
@@ -85,14 +102,34 @@ class _Jwks:
 
 class RelyingParty:
     def __init__(self, anchor: Callable[[], TrustAnchor], sp: Identity, idp_issuer: str,
-                 jwks: Path, max_token_lifetime: datetime.timedelta = DEFAULT_MAX_LIFETIME
-                 ) -> None:
+                 jwks: Path, max_token_lifetime: datetime.timedelta = DEFAULT_MAX_LIFETIME,
+                 replay: ReplayStore | None = None,
+                 revoked: Callable[[int], bool] | None = None) -> None:
         self._anchor = anchor  # called each time: the CRL file may have been renewed
         self.sp = sp
         self.idp_issuer = idp_issuer
         self._jwks = _Jwks(jwks)
         self.max_token_lifetime = max_token_lifetime
-        self.replay = ReplayCache()
+        self.replay: ReplayStore = replay if replay is not None else ReplayCache()
+        self.revoked = revoked  # certificate serial -> revoked? (None: the CRL only)
+
+    def _check_revoked(self, certificate: x509.Certificate | None, whose: str) -> None:
+        if self.revoked is None or certificate is None:
+            return
+        serial = certificate.serial_number
+        try:
+            refused = self.revoked(serial)
+        except Exception as exc:  # the store is someone else's: any failure fails closed
+            # The reason (where the store lives) is for the log; the caller learns only
+            # that the check could not be made.
+            log.warning("revocation check of %s certificate (serial %x) failed: %s", whose,
+                        serial, exc)
+            raise AuthorizationRefused("revocation", f"cannot check {whose} certificate "
+                                       f"(serial {serial:x}) now; refused until it can be"
+                                       ) from None
+        if refused:
+            raise AuthorizationRefused("revocation", f"{whose} certificate (serial "
+                                       f"{serial:x}, {_name(certificate)}) is revoked")
 
     def authorize(self, peer: x509.Certificate, access_token: object, vm_token: object,
                   bound: Callable[[Identity], bool], app_token: object = None,
@@ -102,6 +139,14 @@ class RelyingParty:
         try:
             caller = identity_of(peer)
         except IdentityError as exc:
+            raise AuthorizationRefused("caller", str(exc)) from None
+        self._check_revoked(peer, "the caller's")
+        anchor = self._anchor()
+        try:
+            # TLS checked the chain; this adds the IAM CA's revocation list, which the
+            # handshake does not read, and the trust domain.
+            verify_chain(peer, [], anchor, now)
+        except ChainRefused as exc:
             raise AuthorizationRefused("caller", str(exc)) from None
         if not isinstance(access_token, str) or not isinstance(vm_token, str):
             raise AuthorizationRefused("tokens", "an access token from the OpenID provider and "
@@ -116,17 +161,18 @@ class RelyingParty:
         if pinned != thumbprint(peer):
             raise AuthorizationRefused("access token", "cnf does not match the caller's TLS "
                                        "certificate: the token was issued for another one")
-        anchor = self._anchor()
         if caller.kind == "vm":
             if app_token is not None:
                 raise AuthorizationRefused("tokens", "a VM presents no APP token")
             report = self._token(vm_token, "vm", anchor, now, peer, actors[0], bound)
             hypervisor = report.signer_certificate
+            self._check_revoked(hypervisor, "the vm token's signer")
         elif caller.kind == "app":
             if not isinstance(app_token, str) or len(actors) < 2:
                 raise AuthorizationRefused("tokens", "an APP needs its APP-Auth-Token and an "
                                            "access token whose act nests VM and HV")
             vm_report = self._token(vm_token, "vm", anchor, now, None, actors[1], None)
+            self._check_revoked(vm_report.signer_certificate, "the vm token's signer")
             if vm_report.subject != actors[0]:
                 raise AuthorizationRefused("vm token", f"sub {vm_report.subject} is not the "
                                            f"VM that vouched for the APP ({actors[0]})")
@@ -134,13 +180,23 @@ class RelyingParty:
             report = self._token(app_token, "app", anchor, now, peer, actors[0], bound,
                                  vm_report)
             hypervisor = vm_report.signer_certificate
+            self._check_revoked(report.signer_certificate, "the app token's signer")
         else:
             raise AuthorizationRefused("caller", f"{caller} is neither a vm nor an app")
         if report.subject != caller:
             raise AuthorizationRefused("token", f"sub {report.subject} is not the caller "
                                        f"{caller}")
         jti = access.get("jti")
-        if not isinstance(jti, str) or not self.replay.first_use(jti, float(access["exp"])):
+        if not isinstance(jti, str):
+            raise AuthorizationRefused("access token", f"jti {jti!r} is not a string")
+        try:
+            first = self.replay.first_use(jti, float(access["exp"]))
+        except Exception as exc:  # the store is someone else's: any failure fails closed
+            log.warning("replay check of jti %r failed: %s", jti, exc)
+            raise AuthorizationRefused("access token", f"cannot check whether jti {jti!r} "
+                                       "was presented before; refused until it can be"
+                                       ) from None
+        if not first:
             raise AuthorizationRefused("access token", f"jti {jti!r} was presented before: "
                                        "an access token opens one session")
         expires = min(report.expires, datetime.datetime.fromtimestamp(access["exp"],
@@ -188,6 +244,13 @@ class RelyingParty:
             check = reason.split(":", 1)[0]
             raise AuthorizationRefused(f"{kind} token {check}", reason.split(":", 1)[1].strip())
         return report
+
+
+def _name(certificate: x509.Certificate) -> str:
+    try:
+        return str(identity_of(certificate))
+    except IdentityError:
+        return certificate.subject.rfc4514_string()
 
 
 def _actors(access: dict[str, Any]) -> tuple[Identity, ...]:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grid_backend.racs import cli as racs_cli
+from grid_backend.registry import cli as registry_cli
 from grid_backend.service import cli as grid_cli
 from idm import cli as idm_cli
 from idm import idp_cli
@@ -31,13 +32,45 @@ def _sandbox(arguments: argparse.Namespace) -> int:
 
 
 def _config(arguments: argparse.Namespace) -> int:
-    """`p11grid config openssl|nginx|p11kit`: print (or install) a ready snippet."""
+    """`p11grid config openssl [--provider]|provider-key|nginx|p11kit|systemd-*`: print
+    (or install) a ready snippet."""
     module = Path(arguments.module or paths.MODULE_PATH).resolve()
-    if arguments.what == "openssl":
+    if (arguments.provider or arguments.pin_file) and arguments.what != "openssl":
+        print(f"p11grid config {arguments.what}: --provider and --pin-file are for "
+              "`p11grid config openssl`", file=sys.stderr)
+        return 2
+    if arguments.what == "openssl" and arguments.provider:
+        if arguments.pin is not None and arguments.pin_file is not None:
+            print("p11grid config openssl: give --pin or --pin-file, not both", file=sys.stderr)
+            return 2
+        provider = snippets.find_pkcs11_provider()
+        if provider is None:
+            print(f"p11grid config openssl --provider: {snippets.pkcs11_provider_missing_reason()}",
+                  file=sys.stderr)
+            return 1
+        text = snippets.openssl_provider_conf(
+            provider, module, arguments.pin,
+            Path(arguments.pin_file).resolve() if arguments.pin_file else None,
+            "OpenSSL 3: pkcs11-provider on the p11grid module (p11grid config openssl "
+            "--provider); point OPENSSL_CONF at this file")
+    elif arguments.what == "openssl":
+        if arguments.pin_file:
+            print("p11grid config openssl: --pin-file needs --provider (the engine takes "
+                  "--pin)", file=sys.stderr)
+            return 2
         text = snippets.openssl_engine_conf(
             Path(arguments.engine) if arguments.engine else paths.pkcs11_engine(), module,
             arguments.pin, "OpenSSL: the libp11 engine on the p11grid module (p11grid config "
             "openssl); point OPENSSL_CONF at this file")
+    elif arguments.what == "provider-key":
+        if not arguments.key_uri:
+            print("p11grid config provider-key: give --key-uri", file=sys.stderr)
+            return 2
+        try:
+            text = snippets.provider_key_pem(arguments.key_uri)
+        except snippets.ProviderKeyError as error:
+            print(f"p11grid config provider-key: {error}", file=sys.stderr)
+            return 2
     elif arguments.what == "nginx":
         if not arguments.key_uri or not arguments.certificate:
             print("p11grid config nginx: give --key-uri and --certificate", file=sys.stderr)
@@ -60,6 +93,7 @@ def _config(arguments: argparse.Namespace) -> int:
         if target.is_dir() or not target.suffix:  # a directory, made if need be
             target.mkdir(parents=True, exist_ok=True)
             target = target / {"p11kit": "p11grid.module", "openssl": "p11grid-openssl.cnf",
+                               "provider-key": "p11grid-key.pem",
                                "nginx": "p11grid-nginx.conf",
                                "systemd-grid": "p11grid-grid.service",
                                "systemd-idp": "p11grid-idp.service"}[arguments.what]
@@ -101,12 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(func=lambda arguments: __import__("p11grid.status").status.main())
     config = commands.add_parser(
         "config", help="print ready configuration for OpenSSL, nginx, p11-kit or systemd")
-    config.add_argument("what", choices=("openssl", "nginx", "p11kit", "systemd-grid",
-                                         "systemd-idp"))
+    config.add_argument("what", choices=("openssl", "provider-key", "nginx", "p11kit",
+                                         "systemd-grid", "systemd-idp"))
     config.add_argument("--module", help=f"the module (default {paths.MODULE_PATH})")
     config.add_argument("--engine", help="openssl: the libp11 engine (default: found)")
-    config.add_argument("--pin", help="openssl: the user PIN the engine logs in with")
-    config.add_argument("--key-uri", help="nginx: the key's PKCS#11 URI")
+    config.add_argument("--provider", action="store_true",
+                        help="openssl: OpenSSL 3's pkcs11-provider instead of the engine "
+                             "(Debian 13 on)")
+    config.add_argument("--pin", help="openssl: the user PIN the engine (or provider) logs "
+                                      "in with")
+    config.add_argument("--pin-file", help="openssl --provider: a file holding the PIN on "
+                                           "its first line, read by the provider")
+    config.add_argument("--key-uri", help="nginx, provider-key: the key's PKCS#11 URI")
     config.add_argument("--certificate", help="nginx: the server certificate file")
     config.add_argument("--listen", default="127.0.0.1:8443", help="nginx: listen address")
     config.add_argument("--server-name", default="localhost", help="nginx: server_name")
@@ -117,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                              "instead of printing it")
     config.set_defaults(func=_config)
     grid_cli.register(commands)
+    registry_cli.register(commands)
     idm_cli.register(commands)
     idm_cli.register_tokens(commands)
     idp_cli.register(commands)

@@ -166,3 +166,13 @@ def test_unknown_signing_key_and_forged_access_tokens(setup: Setup) -> None:
     assert "does not hold" in _refusal(setup, w.vm, unknown, setup.vm_token())
     plain = jwt.encode(claims, setup.idp_key, algorithm="ES256", headers={"typ": "JWT"})
     assert "is not an access token" in _refusal(setup, w.vm, plain, setup.vm_token())
+
+
+def test_a_caller_certificate_revoked_in_the_crl_is_refused(setup: Setup) -> None:
+    """TLS checks the caller's chain but not the IAM CA's revocation list: authorize does."""
+    w = setup.world
+    vm_token = setup.vm_token()
+    setup.authorize(w.vm, setup.access(w.vm, [w.hv]), vm_token)
+    w.ca.revoke(serial=w.vm.certificate.serial_number)
+    message = _refusal(setup, w.vm, setup.access(w.vm, [w.hv]), vm_token)
+    assert message.startswith("caller") and "was revoked" in message, message

@@ -41,6 +41,25 @@ class GridUnreachable(ElementAbsent):
     """No grid endpoint answered: the grid is gone (or the network to it)."""
 
 
+class GridClientMisconfigured(ElementFailure):
+    """This host's own [grid] TLS files cannot be used (missing, unreadable, mismatched)."""
+
+
+class GridImpostor(ElementFailure):
+    """An endpoint answered with a certificate that does not name a grid."""
+
+
+class GridRefusedClient(ElementFailure):
+    """The grid ended the TLS handshake: it does not accept this client's certificate."""
+
+
+# TLS alerts that mean "your certificate", sent by the server once TLS 1.3 has let the
+# client think the handshake was done; reconnecting cannot help.
+_CLIENT_REFUSED_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA",
+                          "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED", "ACCESS_DENIED",
+                          "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_UNKNOWN")
+
+
 @dataclass(frozen=True)
 class GridSettings:
     endpoints: tuple[tuple[str, int], ...]
@@ -57,6 +76,7 @@ class _Connection:
     def __init__(self, tls: Any, endpoint: tuple[str, int]) -> None:
         self.tls = tls
         self.endpoint = endpoint
+        self.answered = False  # a reply came on it: the grid accepted this host
         self._buffer = bytearray(self.FIRST_BUFFER)
 
     def alive(self) -> bool:
@@ -168,16 +188,46 @@ class GridPool:
 
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.minimum_version = ssl.TLSVersion.TLSv1_3
-            context.load_verify_locations(cafile=str(self.settings.ca))
-            context.load_cert_chain(str(self.settings.certificate), str(self.settings.key))
+            # A file that cannot be read is this host's configuration, not the grid
+            # being gone: say which file, once, and do not look like an outage.
+            setting = "ca"
+            try:
+                context.load_verify_locations(cafile=str(self.settings.ca))
+                setting = "certificate/key"
+                context.load_cert_chain(str(self.settings.certificate), str(self.settings.key))
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                files = (str(self.settings.ca) if setting == "ca" else
+                         f"{self.settings.certificate} / {self.settings.key}")
+                raise GridClientMisconfigured(
+                    f"the module's [grid] {setting} ({files}) cannot be used: "
+                    f"{getattr(exc, 'strerror', None) or exc}") from None
             self._context = context
         return self._context
+
+    @staticmethod
+    def _check_grid_identity(tls: Any, endpoint: tuple[str, int]) -> None:
+        """The server's certificate must name a grid (spiffe://…/grid/…): any other
+        certificate of the same CA (a VM's, an IdP's) must never receive tokens or PINs."""
+        from cryptography import x509
+
+        from idm.identity import IdentityError, identity_of
+
+        der = tls.getpeercert(binary_form=True)
+        try:
+            identity = identity_of(x509.load_der_x509_certificate(der))
+        except (IdentityError, ValueError) as exc:
+            raise GridImpostor(f"{endpoint[0]}:{endpoint[1]} presented a certificate with no "
+                               f"grid identity ({exc})") from None
+        if identity.kind != "grid":
+            raise GridImpostor(f"{endpoint[0]}:{endpoint[1]} is {identity.uri}, not a grid "
+                               "(its certificate must name spiffe://…/grid/…)")
 
     def _connect(self, deadline: float) -> _Connection:
         """A new connection, to the first endpoint that answers, starting with the last good one."""
         endpoints = self.settings.endpoints
         order = [endpoints[(self._preferred + i) % len(endpoints)] for i in range(len(endpoints))]
-        reasons = []
+        reasons: list[str] = []
+        impostors: list[str] = []
         stalled = False
         for endpoint in order:
             remaining = deadline - time.monotonic()
@@ -198,8 +248,17 @@ class GridPool:
                 stalled = stalled or isinstance(exc, TimeoutError)
                 reasons.append(f"{endpoint[0]}:{endpoint[1]}: {exc}")
                 continue
+            try:
+                self._check_grid_identity(tls, endpoint)
+            except GridImpostor as exc:
+                tls.close()
+                log.warning("refusing %s", exc)
+                impostors.append(str(exc))
+                continue
             self._preferred = endpoints.index(endpoint)
             return _Connection(tls, endpoint)
+        if impostors:
+            raise GridImpostor("; ".join(impostors + reasons))
         detail = "; ".join(reasons or ["deadline"])
         if stalled or not reasons:
             raise DeadlineExceeded(f"no grid endpoint completed a TLS handshake in time: {detail}")
@@ -226,6 +285,7 @@ class GridPool:
              timeout: float | None = None) -> dict[str, Any]:
         """One request; its reply body, or the ElementError the grid (or the wire) gave."""
         deadline = time.monotonic() + (timeout if timeout is not None else self.settings.timeout)
+        refusals = 0  # new connections closed before any reply, this call
         while True:
             connection = self._take(deadline)
             request_id = next(self._ids)
@@ -242,9 +302,30 @@ class GridPool:
                                        "within the deadline") from exc
             except (OSError, ProtocolViolation) as exc:
                 connection.close()
+                reason = str(getattr(exc, "reason", "") or "")
+                # A TLS 1.3 server refuses a client certificate after the client has
+                # finished its handshake: the alert (or, if it is lost, a bare close) comes
+                # at the first read of a new connection. Twice in one call is a refusal,
+                # not a flaky network: reconnecting in a loop would only hammer the grid.
+                if not connection.answered:
+                    refusals += 1
+                if any(alert in reason for alert in _CLIENT_REFUSED_ALERTS) or refusals >= 2:
+                    raise GridRefusedClient(
+                        f"{operation}: the grid at {connection.endpoint[0]}:"
+                        f"{connection.endpoint[1]} refused this host's TLS certificate "
+                        f"({reason or exc}); check the module's [grid] certificate against "
+                        "the grid's client_ca and revocations") from None
                 if idempotent and time.monotonic() < deadline:
                     log.info("%s: connection to the grid lost (%s); retrying", operation, exc)
                     continue
+                if not connection.answered:
+                    raise ElementFailure(
+                        f"{operation}: the grid at {connection.endpoint[0]}:"
+                        f"{connection.endpoint[1]} closed a new connection before answering "
+                        f"({exc}): it may refuse this host's TLS certificate (check the "
+                        "module's [grid] certificate against the grid's client_ca and "
+                        "revocations), or it failed; not retried, the element may have acted"
+                    ) from exc
                 raise ElementFailure(f"{operation}: connection to the grid lost ({exc}); "
                                      "not retried, the element may have acted") from exc
             finally:
@@ -253,6 +334,7 @@ class GridPool:
             if len(reply) != 3 or reply[0] != request_id or not isinstance(reply[2], dict):
                 connection.close()
                 raise ProtocolViolation(f"{operation}: a reply that is not ours")
+            connection.answered = True
             self._give(connection)
             if reply[1] is True:
                 return reply[2]

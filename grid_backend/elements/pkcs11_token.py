@@ -334,6 +334,9 @@ def _element_error(exc: Exception) -> ElementError:
     return ElementFailure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+# Attributes of public and secret keys only: never in a private key's template.
+_PUBLIC_ONLY = (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP)
+
 KEY_KINDS = {"rsa2048": (KeyType.RSA, 2048), "rsa3072": (KeyType.RSA, 3072),
              "ec256": (KeyType.EC, "secp256r1"), "ec384": (KeyType.EC, "secp384r1")}
 
@@ -557,9 +560,15 @@ class Pkcs11Token:
         with self._calling(), self._worker() as worker:
             return bytes(worker.session.generate_random(length * 8))
 
-    def generate_key(self, pin: str, label: str, key_id: bytes, kind: str) -> None:
+    def generate_key(self, pin: str, label: str, key_id: bytes, kind: str,
+                     replicate_to: list[tuple[Pkcs11Token, str]] | None = None) -> None:
         """Generate a key pair inside the token: the private half is born sensitive and
-        non-extractable and never leaves it."""
+        non-extractable and never leaves it in the clear.
+
+        With `replicate_to` ((token, its user PIN) pairs), the key is born extractable but
+        sensitive, copied wrapped into each of those tokens (see `_replicate`), then made
+        non-extractable here for good (PKCS#11 lets CKA_EXTRACTABLE go only from true to
+        false). If any copy fails, every copy and the new key itself are destroyed."""
         from pkcs11.constants import MechanismFlag
         from pkcs11.util.ec import encode_named_curve_parameters
 
@@ -572,7 +581,8 @@ class Pkcs11Token:
         public_template = {Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.VERIFY: True,
                            Attribute.ENCRYPT: rsa_key, Attribute.WRAP: False}
         private_template = {Attribute.TOKEN: True, Attribute.PRIVATE: True,
-                            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: bool(replicate_to),
                             Attribute.SIGN: True, Attribute.DECRYPT: rsa_key,
                             Attribute.UNWRAP: False, Attribute.DERIVE: False}
         capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
@@ -591,5 +601,93 @@ class Pkcs11Token:
                                              capabilities=capabilities,
                                              public_template=public_template,
                                              private_template=private_template)
+                if replicate_to:
+                    self._replicate(session, key_id, key_type, replicate_to)
         except p11x.PKCS11Error as exc:
             raise _element_error(exc) from exc
+
+    def _replicate(self, session: pkcs11.Session, key_id: bytes, key_type: KeyType,
+                   targets: list[tuple[Pkcs11Token, str]]) -> None:
+        """Copy the new key pair `key_id` into each target token without it ever being in
+        the clear outside a token: the target makes an RSA transport key pair (session
+        objects), this token wraps a fresh AES-256 key-encryption key to it (RSA-OAEP; SHA-1
+        is the only OAEP hash SoftHSM2 does), wraps the private key with that key (AES key
+        wrap with padding), and the target unwraps both. Then the key here becomes
+        non-extractable. On any failure the copies and the new key are destroyed."""
+        from pkcs11.constants import DEFAULT, MechanismFlag
+        from pkcs11.mechanisms import MGF, Mechanism
+
+        oaep = (Mechanism.SHA_1, MGF.SHA1, None)
+        private = session.get_key(ObjectClass.PRIVATE_KEY, id=key_id)
+        public = session.get_key(ObjectClass.PUBLIC_KEY, id=key_id)
+        copied: list[tuple[pkcs11.Session, bytes]] = []
+        sessions: list[pkcs11.Session] = []
+        try:
+            for target, target_pin in targets:
+                target.open()
+                assert target._token is not None
+                remote = target._token.open(rw=True, user_pin=target_pin)
+                sessions.append(remote)
+                transport_public, transport_private = remote.generate_keypair(
+                    KeyType.RSA, 2048, store=False,
+                    capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                    public_template={Attribute.WRAP: True, Attribute.ENCRYPT: False,
+                                     Attribute.VERIFY: False},
+                    private_template={Attribute.UNWRAP: True, Attribute.SENSITIVE: True,
+                                      Attribute.EXTRACTABLE: False, Attribute.DECRYPT: False,
+                                      Attribute.SIGN: False})
+                transport_here = session.create_object({
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,
+                    Attribute.TOKEN: False, Attribute.WRAP: True,
+                    Attribute.MODULUS: transport_public[Attribute.MODULUS],
+                    Attribute.PUBLIC_EXPONENT: transport_public[Attribute.PUBLIC_EXPONENT]})
+                encryption_key = session.generate_key(
+                    KeyType.AES, 256, store=False,
+                    capabilities=MechanismFlag.WRAP,
+                    template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True,
+                              Attribute.WRAP: True, Attribute.ENCRYPT: False,
+                              Attribute.DECRYPT: False})
+                wrapped_encryption_key = transport_here.wrap_key(
+                    encryption_key, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=oaep)
+                wrapped_private = encryption_key.wrap_key(
+                    private, mechanism=Mechanism.AES_KEY_WRAP_PAD)
+                encryption_key_there = transport_private.unwrap_key(
+                    ObjectClass.SECRET_KEY, KeyType.AES, wrapped_encryption_key,
+                    mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=oaep, store=False,
+                    capabilities=MechanismFlag.UNWRAP,
+                    template={Attribute.UNWRAP: True, Attribute.SENSITIVE: True,
+                              Attribute.EXTRACTABLE: False})
+                rsa_key = key_type == KeyType.RSA
+                encryption_key_there.unwrap_key(
+                    ObjectClass.PRIVATE_KEY, key_type, wrapped_private,
+                    id=key_id, label=private.label, mechanism=Mechanism.AES_KEY_WRAP_PAD,
+                    store=True, capabilities=MechanismFlag.SIGN | (
+                        MechanismFlag.DECRYPT if rsa_key else MechanismFlag(0)),
+                    template={Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                              Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                              Attribute.SIGN: True, Attribute.DECRYPT: rsa_key,
+                              Attribute.SIGN_RECOVER: False, Attribute.UNWRAP: False,
+                              Attribute.DERIVE: False,
+                              # python-pkcs11 adds these from the capabilities; a
+                              # private key has none of them.
+                              **dict.fromkeys(_PUBLIC_ONLY, DEFAULT)})
+                copied.append((remote, key_id))
+                shape = ((Attribute.MODULUS, Attribute.PUBLIC_EXPONENT) if rsa_key
+                         else (Attribute.EC_PARAMS, Attribute.EC_POINT))
+                remote.create_object({
+                    Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: key_type,
+                    Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.ID: key_id,
+                    Attribute.LABEL: public.label, Attribute.VERIFY: True,
+                    Attribute.ENCRYPT: rsa_key, Attribute.WRAP: False,
+                    **{attribute: public[attribute] for attribute in shape}})
+            private[Attribute.EXTRACTABLE] = False
+        except (p11x.PKCS11Error, ElementError):
+            for remote, copied_id in copied:
+                for obj in remote.get_objects({Attribute.ID: copied_id}):
+                    obj.destroy()
+            for obj in session.get_objects({Attribute.ID: key_id}):
+                obj.destroy()
+            raise
+        finally:
+            for remote in sessions:
+                remote.close()

@@ -48,7 +48,7 @@ from grid_backend.racs.elements import ElementHub
 from grid_backend.racs.protocol import DEFAULT_PORT, MAX_LINE
 from grid_backend.racs.session import RacsSession
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("p11grid.racs.server")
 
 IDLE_TIMEOUT = 600.0  # ten minutes, as the author's server
 HANDSHAKE_TIMEOUT = 10.0

@@ -47,7 +47,7 @@ from grid_backend.racs.protocol import (
 )
 from grid_backend.secure_element import ElementError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("p11grid.racs.session")
 T = TypeVar("T")
 
 MAX_REPLY = 1024 * 1024  # bytes of APPENDed results one reply may carry

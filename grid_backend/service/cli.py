@@ -1,8 +1,10 @@
-"""`p11grid grid serve|add-se|keygen|bind|unbind|list`: run and administer the grid."""
+"""`p11grid grid serve|add-se|keygen|bind|admin|list|identities|revoke|revocations|audit`:
+run and administer the grid."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import logging.handlers
@@ -14,18 +16,31 @@ from pathlib import Path
 from typing import Any
 
 from grid_backend.elements import DRIVERS, open_element
-from grid_backend.registry import ElementRecord, KeyRecord, RegistryError, SqliteRegistry
+from grid_backend.registry import (
+    DEFAULT_REGISTRY,
+    ElementRecord,
+    KeyRecord,
+    Registry,
+    RegistryError,
+    is_postgres,
+    open_registry,
+)
 from grid_backend.secure_element import ElementError
 from idm.chain import ChainRefused
 
-DEFAULT_REGISTRY = "/var/lib/p11grid/registry.sqlite"
 log = logging.getLogger("p11grid.grid")
 
 
-def _registry(arguments: argparse.Namespace) -> SqliteRegistry:
-    path = Path(arguments.registry or os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteRegistry(path)
+def registry_location(given: str | None) -> str:
+    """--registry, else $P11GRID_REGISTRY, else the default SQLite file."""
+    return given or os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY
+
+
+def _registry(arguments: argparse.Namespace) -> Registry:
+    location = registry_location(arguments.registry)
+    if not is_postgres(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+    return open_registry(location, arguments.node)
 
 
 def _handler(path: Path | None) -> logging.Handler:
@@ -96,7 +111,7 @@ def serve(arguments: argparse.Namespace) -> int:
     audit_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     audit_logger.addHandler(audit_handler)
     try:
-        registry = SqliteRegistry(config.registry)
+        registry = open_registry(config.registry, config.node)
         server = GridServer(config, GridService(registry, relying_party=_relying_party(config),
                                                 sealing=_sealing(config)))
         server.start()
@@ -160,9 +175,10 @@ def _settings(arguments: argparse.Namespace) -> dict[str, Any]:
 def add_se(arguments: argparse.Namespace) -> int:
     registry = _registry(arguments)
     record = ElementRecord(arguments.seid, arguments.label or arguments.seid, arguments.driver,
-                           _settings(arguments))
+                           _settings(arguments), arguments.node)
     registry.add_element(record)
-    print(f"added secure element {record.seid} ({record.driver}, label {record.label})")
+    print(f"added secure element {record.seid} ({record.driver}, label {record.label}"
+          + (f", on node {record.node}" if record.node else "") + ")")
     return 0
 
 
@@ -191,6 +207,20 @@ def keygen(arguments: argparse.Namespace) -> int:
         print("p11grid grid keygen: --management-key is for piv elements only",
               file=sys.stderr)
         return 2
+    if arguments.replicate_to_node and record.driver != "pkcs11":
+        # A card never lets a private key out, even wrapped: one key and one
+        # certificate per card (docs/registry.md, "Replicated elements").
+        print(f"p11grid grid keygen: --replicate-to-node copies keys wrapped between PKCS#11 "
+              f"tokens; a {record.driver} element cannot export one: generate a key in each "
+              "element instead", file=sys.stderr)
+        return 2
+    replicas = [open_registry(registry_location(arguments.registry), node).element(
+        arguments.seid) for node in arguments.replicate_to_node or ()]
+    for replica in replicas:
+        if replica.driver != "pkcs11":
+            raise RegistryError(f"{arguments.seid} on node {replica.node} is a "
+                                f"{replica.driver} element: keys are copied only between "
+                                "PKCS#11 tokens")
     element: Any = open_element(record.driver, dict(record.settings))
     if not hasattr(element, "generate_key"):
         raise RegistryError(f"the {record.driver} driver cannot generate keys")
@@ -200,11 +230,21 @@ def keygen(arguments: argparse.Namespace) -> int:
     key_id = bytes.fromhex(arguments.id)
     try:
         if not piv:
-            element.generate_key(pin, arguments.label, key_id, arguments.kind)
+            targets = [(open_element(r.driver, dict(r.settings)), pin) for r in replicas]
+            try:
+                element.generate_key(pin, arguments.label, key_id, arguments.kind,
+                                     replicate_to=targets)
+            finally:
+                for target, _ in targets:
+                    target.close()
             registry.add_key(KeyRecord(record.seid, arguments.label, key_id.hex(),
                                        arguments.kind))
+            where = f"{record.seid} on node {_node(record.node)}"
             print(f"generated {arguments.kind} key {arguments.label} (id {key_id.hex()}) "
-                  f"inside {record.seid}")
+                  f"inside {where}")
+            for replica in replicas:
+                print(f"copied it wrapped into {record.seid} on node {_node(replica.node)} "
+                      f"(token {replica.settings.get('token_label')})")
             return 0
         from grid_backend.elements.piv_card import piv_slot
 
@@ -223,8 +263,8 @@ def keygen(arguments: argparse.Namespace) -> int:
                              management_key=management_key)
         # The slot's label in the settings: the grid shows the key by it after a restart.
         labels[slot_name] = arguments.label
-        registry.update_element(ElementRecord(record.seid, record.label, record.driver,
-                                              {**record.settings, "labels": labels}))
+        registry.update_element(dataclasses.replace(
+            record, settings={**record.settings, "labels": labels}))  # this node's placement
         registry.remove_keys(record.seid, object_id)  # the slot's previous key is gone
         registry.add_key(KeyRecord(record.seid, arguments.label, object_id, arguments.kind))
         print(f"generated {arguments.kind} key {arguments.label} (id {object_id}, slot "
@@ -253,11 +293,20 @@ def admin(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _node(name: str) -> str:
+    return name or '""'  # the default node, shown as such rather than as nothing
+
+
 def list_registry(arguments: argparse.Namespace) -> int:
+    """Every node's placements, each seid's keys, bindings and administrators once."""
     registry = _registry(arguments)
     bindings = registry.bindings()
-    for record in registry.elements():
-        print(f"{record.seid}\t{record.driver}\tlabel={record.label}")
+    placements = registry.placements()
+    for index, record in enumerate(placements):
+        print(f"{record.seid}\t{record.driver}\tlabel={record.label}\t"
+              f"node={_node(record.node)}")
+        if index + 1 < len(placements) and placements[index + 1].seid == record.seid:
+            continue  # the element's other placements first
         for key in registry.keys(record.seid):
             print(f"  key {key.label}\tid={key.key_id}\t{key.kind}")
         for identity, seid in bindings:
@@ -265,6 +314,61 @@ def list_registry(arguments: argparse.Namespace) -> int:
                 print(f"  bound to {identity}")
         for identity in registry.administrators(record.seid):
             print(f"  administered by {identity}")
+    return 0
+
+
+def identities(arguments: argparse.Namespace) -> int:
+    for record in _registry(arguments).identities():
+        print(f"{record.uri}\t{record.kind}\tenrolled {record.enrolled}")
+    return 0
+
+
+def revoke(arguments: argparse.Namespace) -> int:
+    """Record a certificate as revoked: every grid node sharing the registry refuses it
+    at the next authorize, without waiting for the CA's next revocation list."""
+    if arguments.certificate:
+        from cryptography import x509
+
+        from idm.identity import IdentityError, identity_of
+
+        try:
+            certificate = x509.load_pem_x509_certificate(
+                Path(arguments.certificate).read_bytes())
+        except OSError as exc:
+            raise RegistryError(f"cannot read {arguments.certificate}: {exc.strerror}"
+                                ) from None
+        serial = certificate.serial_number
+        try:
+            identity = identity_of(certificate).uri
+        except IdentityError:
+            identity = certificate.subject.rfc4514_string()
+    elif arguments.serial and arguments.identity:
+        serial = int(arguments.serial.replace(":", ""), 16)
+        identity = arguments.identity
+    else:
+        raise RegistryError("give --certificate PEMFILE, or --serial HEX and --identity")
+    registry = _registry(arguments)
+    if registry.revoke(serial, identity, arguments.reason):
+        print(f"revoked certificate {serial:x} of {identity} ({arguments.reason})")
+    else:
+        print(f"certificate {serial:x} of {identity} was already revoked")
+    return 0
+
+
+def revocations(arguments: argparse.Namespace) -> int:
+    for record in _registry(arguments).revocations():
+        print(f"{record.serial:x}\t{record.identity}\t{record.reason}\trevoked "
+              f"{record.revoked}")
+    return 0
+
+
+def audit(arguments: argparse.Namespace) -> int:
+    """The most recent audit rows of every node, oldest of them first."""
+    for row in reversed(_registry(arguments).audit(arguments.limit)):
+        mechanism = f"\tmechanism=0x{row.mechanism:x}" if row.mechanism is not None else ""
+        key = f"\tkey={row.key}" if row.key is not None else ""
+        print(f"{row.at}\tnode={_node(row.node)}\t{row.who}\t{row.operation}\t"
+              f"seid={row.seid}{key}{mechanism}\t{row.result}\t{row.duration_ms:.3f} ms")
     return 0
 
 
@@ -284,8 +388,12 @@ def register(commands: Any) -> None:
     actions = grid.add_subparsers(dest="grid_action", required=True)
 
     def with_registry(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--registry", help=f"SQLite registry (default $P11GRID_REGISTRY, "
-                                               f"else {DEFAULT_REGISTRY})")
+        parser.add_argument("--registry", help="a SQLite file or a postgresql:// URL "
+                                               f"(default $P11GRID_REGISTRY, else "
+                                               f"{DEFAULT_REGISTRY})")
+        parser.add_argument("--node", default=os.environ.get("P11GRID_NODE", ""),
+                            help="the grid node whose placements to act on (default "
+                                 "$P11GRID_NODE, else \"\")")
         return parser
 
     serve_parser = actions.add_parser("serve", help="run the grid service")
@@ -310,7 +418,12 @@ def register(commands: Any) -> None:
     generate.add_argument("--id", required=True, help="CKA_ID, hex")
     generate.add_argument("--kind", required=True, choices=("rsa2048", "rsa3072", "ec256",
                                                             "ec384"))
-    generate.add_argument("--pin", help="the element's user PIN (default $P11GRID_PIN)")
+    generate.add_argument("--pin", help="the element's user PIN (default $P11GRID_PIN); "
+                                        "replicas take the same PIN")
+    generate.add_argument("--replicate-to-node", action="append", metavar="NODE",
+                          help="pkcs11: copy the new key, wrapped, into this seid's placement "
+                               "on NODE too (repeatable); the key is extractable only until "
+                               "the copies are made")
     generate.add_argument("--management-key", metavar="HEX",
                           help="piv: the card management key (9B), AES-192 as 48 hex digits "
                                "(default $P11GRID_PIV_MANAGEMENT_KEY)")
@@ -329,5 +442,26 @@ def register(commands: Any) -> None:
     administrator.add_argument("--seid", required=True)
     administrator.set_defaults(func=_guarded(admin))
 
-    listing = with_registry(actions.add_parser("list", help="elements, keys and bindings"))
+    listing = with_registry(actions.add_parser(
+        "list", help="elements (each node's placements), keys and bindings"))
     listing.set_defaults(func=_guarded(list_registry))
+
+    known = with_registry(actions.add_parser("identities", help="the identities ever bound"))
+    known.set_defaults(func=_guarded(identities))
+
+    revoking = with_registry(actions.add_parser(
+        "revoke", help="refuse a certificate at once on every node sharing the registry"))
+    revoking.add_argument("--certificate", metavar="PEMFILE", help="the certificate to refuse")
+    revoking.add_argument("--serial", metavar="HEX", help="its serial, without the file")
+    revoking.add_argument("--identity", help="with --serial: whose certificate it is")
+    revoking.add_argument("--reason", default="unspecified", help="recorded with it")
+    revoking.set_defaults(func=_guarded(revoke))
+
+    revoked = with_registry(actions.add_parser("revocations",
+                                               help="the certificates revoked in the registry"))
+    revoked.set_defaults(func=_guarded(revocations))
+
+    auditing = with_registry(actions.add_parser(
+        "audit", help="recent audit rows of every node, from the registry"))
+    auditing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    auditing.set_defaults(func=_guarded(audit))

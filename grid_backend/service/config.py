@@ -5,7 +5,9 @@
     certificate = "/etc/p11grid/grid.pem"   # the service's TLS certificate chain
     key = "/etc/p11grid/grid.key"
     client_ca = "/etc/p11grid/ca.pem"       # callers' certificates must chain to it
-    registry = "/var/lib/p11grid/registry.sqlite"
+    registry = "/var/lib/p11grid/registry.sqlite"   # or postgresql://USER@HOST/DB?...
+    node = "n1"                              # this grid node's name (default ""): it hosts
+                                             # the registry's placements on that node
     audit_log = "/var/log/p11grid/audit.log" # one JSON line per operation; omit: syslog
     log_file = "/var/log/p11grid/grid.log"   # omit: syslog, else stderr
     pid_file = "/run/p11grid/grid.pid"       # optional
@@ -88,7 +90,7 @@ class GridConfig:
     path: Path
     listen: Endpoint
     tls: TlsFiles
-    registry: Path
+    registry: Path | str  # a SQLite file, or a postgresql:// URL (docs/registry.md)
     audit_log: Path | None
     log_file: Path | None
     pid_file: Path | None
@@ -97,6 +99,17 @@ class GridConfig:
     racs: RacsSettings | None
     identity: IdentitySettings | None = None
     metrics: Endpoint | None = None
+    node: str = ""
+
+
+def _registry(table: dict[str, Any], where: str) -> Path | str:
+    value = table.get("registry")
+    if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+        return value
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise GridConfigError(f"{where}: registry must be an absolute path (SQLite) or a "
+                              "postgresql:// URL")
+    return Path(value)
 
 
 def _path(table: dict[str, Any], key: str, where: str, required: bool = True) -> Path | None:
@@ -128,7 +141,7 @@ def load(path: Path) -> GridConfig:
         raise GridConfigError(f"{path}: a [grid] table is needed")
     where = f"{path} [grid]"
     known = {"listen", "certificate", "key", "client_ca", "registry", "audit_log", "log_file",
-             "pid_file", "max_connections", "idle_timeout", "metrics"}
+             "pid_file", "max_connections", "idle_timeout", "metrics", "node"}
     if set(grid) - known:
         raise GridConfigError(f"{where}: unknown key(s) {', '.join(sorted(set(grid) - known))}")
     racs = None
@@ -142,11 +155,14 @@ def load(path: Path) -> GridConfig:
         raise GridConfigError(f"{where}: max_connections must be a positive integer")
     if not isinstance(idle_timeout, (int, float)) or idle_timeout <= 0:
         raise GridConfigError(f"{where}: idle_timeout must be a positive number of seconds")
+    node = grid.get("node", "")
+    if not isinstance(node, str):
+        raise GridConfigError(f"{where}: node must be a string (this grid node's name)")
     return GridConfig(
         path=path,
         listen=Endpoint.parse(str(grid.get("listen", "127.0.0.1:7443")), where),
         tls=_tls(grid, where),
-        registry=_path(grid, "registry", where),  # type: ignore[arg-type]
+        registry=_registry(grid, where),
         audit_log=_path(grid, "audit_log", where, required=False),
         log_file=_path(grid, "log_file", where, required=False),
         pid_file=_path(grid, "pid_file", where, required=False),
@@ -156,6 +172,7 @@ def load(path: Path) -> GridConfig:
         identity=_identity(data["identity"], f"{path} [identity]") if "identity" in data
         else None,
         metrics=Endpoint.parse(str(grid["metrics"]), where) if "metrics" in grid else None,
+        node=node,
     )
 
 

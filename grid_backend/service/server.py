@@ -43,7 +43,8 @@ from grid_backend.protocol import (
     failure_kind,
     frame_length,
 )
-from grid_backend.registry import Registry, RegistryError
+from grid_backend.registry import Registry, RegistryError, open_registry
+from grid_backend.registry.audit import AuditWriter
 from grid_backend.secure_element import (
     ElementError,
     ElementFailure,
@@ -97,6 +98,11 @@ class GridService:
         # With a relying party, every element request needs an authorization that a
         # caller gets by presenting its identity tokens (op_authorize).
         self.relying_party = relying_party
+        if relying_party is not None:
+            # The registry is the jti replay cache and the revocation list: every grid
+            # node sharing it refuses a replayed token or a revoked certificate at once.
+            relying_party.replay = registry
+            relying_party.revoked = registry.revoked
         self.sealing = sealing
         self._authorizations: OrderedDict[str, _Authorized] = OrderedDict()
         self._hosted: dict[str, HostedElement] = {}
@@ -134,7 +140,13 @@ class GridService:
         method = self._operations.get(operation)
         if method is None:
             raise ProtocolViolation(f"unknown operation {operation!r}")
-        return method(caller, arguments)
+        try:
+            return method(caller, arguments)
+        except RegistryError as exc:
+            # The database is down or stalled: a failure to retry, not a refusal. Where
+            # it lives is for the log, not for the caller.
+            log.warning("%s of %s: %s", operation, caller.identity, exc)
+            raise ElementFailure("the grid's registry is unavailable; try again") from None
 
     def _element(self, caller: Caller, arguments: dict[str, Any]) -> HostedElement:
         seid = self._allowed_seid(caller, arguments)
@@ -173,6 +185,8 @@ class GridService:
                 bound=lambda subject: seid in self.registry.allowed([subject.uri]),
                 app_token=arguments.get("app_token"))
         except AuthorizationRefused as exc:
+            # The audit line says "identity"; the log says which check and why.
+            log.warning("authorize refused for %s on %s: %s", caller.identity, seid, exc)
             raise IdentityRefused(str(exc)) from None
         seal_to = None
         if arguments.get("container") is True:
@@ -332,16 +346,21 @@ class AuditTrail:
     Written directly rather than through `logging`: it is on every signature's path, and
     a formatted f-string plus one O_APPEND write costs a fraction of a log record.
     Without a file the lines go to the `p11grid.audit` logger (syslog, else stderr).
+    With a `database` writer the same facts also go to the registry's audit table, queued
+    for its background thread (never waited for).
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, database: AuditWriter | None = None) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640) \
             if path is not None else None
         self._second = -1
         self._stamp = ""
+        self.database = database
 
     def record(self, caller: str, operation: str, seid: str, result: str, ms: float,
                key: str | None = None, mechanism: int | None = None) -> None:
+        if self.database is not None:
+            self.database.add(caller, operation, seid, result, ms, key, mechanism)
         fields = f'"caller": {_quoted(caller)}'
         if key is not None:
             fields += f', "key": {_quoted(key)}'
@@ -362,6 +381,9 @@ class AuditTrail:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self.database is not None:
+            self.database.close()
+            self.database = None
 
 
 class _Link:
@@ -469,7 +491,12 @@ class GridServer:
         self._stopping = threading.Event()
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._context = self._tls_context()
-        self.audit = AuditTrail(config.audit_log)
+        registry = service.registry
+        # The writer opens a registry of its own: its batches never wait for the lock of
+        # the connection that answers callers, nor they for it.
+        self.audit = AuditTrail(config.audit_log, AuditWriter(
+            lambda: open_registry(registry.location, registry.node), registry.node,
+            registry.display))
         self._incoming: queue.SimpleQueue[_Link] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -483,6 +510,12 @@ class GridServer:
         self.metrics.gauge("sessions", "Grid sessions (logins) held", service.session_count)
         self.metrics.gauge("authorizations", "Identity authorizations held",
                            service.authorization_count)
+        self.metrics.gauge("audit_rows_dropped", "Audit rows the registry did not take "
+                           "(the audit log has them)", self._audit_dropped)
+
+    def _audit_dropped(self) -> int:
+        database = self.audit.database
+        return database.dropped if database is not None else 0
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
