@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,7 +99,15 @@ def _config(arguments: argparse.Namespace) -> int:
                                "systemd-grid": "p11grid-grid.service",
                                "systemd-idp": "p11grid-idp.service"}[arguments.what]
         try:
-            target.write_text(text)
+            if getattr(arguments, "pin", None) is not None:
+                # The file holds the PIN: owner-only from its first byte, whatever the
+                # umask, and also when it replaces an older file.
+                descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fchmod(descriptor, 0o600)
+                with os.fdopen(descriptor, "w") as output:
+                    output.write(text)
+            else:
+                target.write_text(text)
         except OSError as error:
             print(f"p11grid config {arguments.what}: cannot write {target}: {error.strerror}",
                   file=sys.stderr)

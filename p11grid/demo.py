@@ -3,7 +3,8 @@ unlocked by the identity chain (IAM CA, hypervisor key, OpenID provider, VM-Auth
 
 Steps: build a sandbox (its grid service hosts the token); verify the VM-Auth-Token check
 by check, as the module does before its first session; sign through our module with
-the OpenSSL CLI (libp11 engine) and check the signatures against the certificates; start
+the OpenSSL CLI (libp11 engine) and check the signatures against the certificates; sign
+again through OpenSSL 3's pkcs11-provider where it is installed (Debian 13 on); start
 nginx with both keys; fetch pages with curl, which verifies the server against the
 sandbox CA; show from the grid's audit log that the signatures were made in the grid, by
 the VM's identity, and that each session was authorized by the three elements; swap the
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from p11grid import nginx, paths, sandbox, sandbox_grid, sandbox_identity
+from p11grid import nginx, paths, sandbox, sandbox_grid, sandbox_identity, snippets
 
 OK = "✓"
 FAILED = "✗"
@@ -127,6 +128,60 @@ def check_openssl_signing(
             f"with {box.certificate(label).name}",
             problem,
         )
+
+
+def check_provider_signing(
+    box: sandbox.Sandbox, variables: dict[str, str], direct: bool, tally: Tally
+) -> None:
+    """OpenSSL 3 signs through pkcs11-provider with the config `p11grid config openssl
+    --provider` prints; the certificates' public keys verify. One line if it is absent."""
+    provider = snippets.find_pkcs11_provider()
+    major = snippets.debian_major()
+    if provider is None:
+        reason = snippets.pkcs11_provider_missing_reason(major)
+        if major is not None and major >= snippets.PKCS11_PROVIDER_FIRST_DEBIAN:
+            tally.check(False, "pkcs11-provider is installed", reason)
+        else:
+            _say(f"  - provider path skipped: {reason}")
+        return
+    pin_file = box.directory / "provider.pin"
+    pin_file.touch(mode=0o600)
+    pin_file.write_text(variables["P11GRID_PIN"] + "\n")
+    # --direct: SoftHSM2 itself, which needs `no-deinit` (it crashes at exit otherwise).
+    module = Path(variables["P11GRID_DIRECT_MODULE"] if direct else variables["P11GRID_MODULE"])
+    conf = box.directory / "openssl-provider.cnf"
+    conf.write_text(snippets.openssl_provider_conf(
+        provider, module, None, pin_file, "p11grid demo: pkcs11-provider",
+        quirks=("no-deinit",) if direct else ()))
+    message = b"p11grid demo: signed through pkcs11-provider\n"
+    digest = hashlib.sha256(message).digest()
+    digest_file = box.directory / "demo-provider-digest.bin"
+    digest_file.write_bytes(digest)
+    environment = {**os.environ, "OPENSSL_CONF": str(conf),
+                   "P11GRID_CONF": variables["P11GRID_CONF"],
+                   "SOFTHSM2_CONF": variables["SOFTHSM2_CONF"]}
+    for label, uri in (("vm-rsa", variables["P11GRID_RSA_URI"]),
+                       ("vm-ec", variables["P11GRID_EC_URI"])):  # fmt: skip
+        command = ["openssl", "pkeyutl", "-sign", "-inkey", uri, "-in", str(digest_file)]
+        if label == "vm-rsa":
+            command += ["-pkeyopt", "digest:sha256"]  # PKCS#1 v1.5 with a DigestInfo
+        what = f"pkcs11-provider: openssl pkeyutl -sign with {uri}"
+        try:
+            result = subprocess.run(command, env=environment, capture_output=True,
+                                    timeout=OPENSSL_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            tally.check(False, what, f"no answer within {OPENSSL_TIMEOUT_SECONDS} s "
+                                     "(docs/openssl-provider.md)")
+            continue
+        if result.returncode != 0 or not result.stdout:
+            reason = result.stderr.decode(errors="replace").strip().splitlines()
+            tally.check(False, what, " | ".join(reason[-4:]) or f"exit {result.returncode}")
+            continue
+        problem = _verify_signature(box.certificate(label), digest, result.stdout)
+        tally.check(not problem,
+                    f"{label}: {len(result.stdout)}-byte signature through pkcs11-provider "
+                    f"({provider.name}, {conf.name}) verifies with {box.certificate(label).name}",
+                    problem)
 
 
 def fetch(
@@ -346,7 +401,7 @@ def run(requests: int, direct: bool, keep: bool) -> int:
     _say("p11grid demo: nginx serves TLS with keys held in the grid of secure elements")
     _say(f"  keys reached through {through}")
     try:
-        _say("\n[1/6] p11grid sandbox up")
+        _say("\n[1/7] p11grid sandbox up")
         created = _run_sandbox_command("up", directory)
         if not tally.check(created.returncode == 0, f"sandbox ready in {directory}",
                            "p11grid sandbox up failed (see above)"):  # fmt: skip
@@ -358,13 +413,16 @@ def run(requests: int, direct: bool, keep: bool) -> int:
             return 1
 
         if not direct:
-            _say("\n[2/6] the identity chain: what the module checks before its first session")
+            _say("\n[2/7] the identity chain: what the module checks before its first session")
             check_identity_chain(box, variables, tally)
 
-        _say("\n[3/6] OpenSSL CLI signs through the libp11 engine")
+        _say("\n[3/7] OpenSSL CLI signs through the libp11 engine")
         check_openssl_signing(box, variables, openssl_conf, tally)
 
-        _say("\n[4/6] nginx: 2 workers, one HTTPS port per key")
+        _say("\n[4/7] OpenSSL 3 signs through pkcs11-provider (Debian 13 on)")
+        check_provider_signing(box, variables, direct, tally)
+
+        _say("\n[5/7] nginx: 2 workers, one HTTPS port per key")
         try:
             server = nginx.start(directory, openssl_conf=openssl_conf)
         except nginx.NginxError as error:
@@ -376,14 +434,14 @@ def run(requests: int, direct: bool, keep: bool) -> int:
             + ", ".join(f"{label} on {server.url(label)}" for label in server.ports),
         )
 
-        _say(f"\n[5/6] curl --cacert {box.ca_cert.name}: {requests} requests per key and version")
+        _say(f"\n[6/7] curl --cacert {box.ca_cert.name}: {requests} requests per key and version")
         workers = server.worker_pids()
         check_tls(server, box.ca_cert, requests, tally)
         if not direct:
             check_module_in_nginx(server, workers, box.module_log, tally)
             check_grid_audit(box.grid.audit_log, tally)
             check_authorizations(box, tally)
-            _say("\n[6/6] a refusal: another VM's token in place of ours")
+            _say("\n[7/7] a refusal: another VM's token in place of ours")
             show_refusal(box, variables, tally)
         return 0 if not tally.failures else 1
     except Exception as error:  # nginx and the sandbox are still cleaned up below

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 from grid_backend.secure_element import ElementObject, SecureElement
 from provider.config import SecureElementConfig
-from provider.constants import CKA
+from provider.constants import CKA, CKR
 from provider.objects import TokenObject, complete_private_keys, present
+from provider.return_values import CKRError
 
 log = logging.getLogger("p11grid.token")
 
@@ -33,6 +34,7 @@ class Token:
         self._factory = factory
         self._allocate_handle = allocate_handle
         self._element: SecureElement | None = None
+        self._reaching = False  # inside the first element() call, on the thread holding lock
         # What the element does and the config lets us ask of it.
         self.element_mechanisms: frozenset[int] = frozenset()
         # (class, id, label, n) -> handle: a handle names the same object for the
@@ -50,8 +52,19 @@ class Token:
             return element
         with self.lock:
             if self._element is None:
-                candidate = self._factory(self.config)
-                candidate.open()
+                if self._reaching:
+                    # Reaching the element runs TLS and the identity gate; the host's
+                    # OpenSSL (pkcs11-provider) can call back into the module from there,
+                    # on this very thread: refuse that call instead of deadlocking on it.
+                    raise CKRError(CKR.FUNCTION_FAILED, f"token {self.label!r}: called again "
+                                   "while its element is being reached, from inside that "
+                                   "call (the host's OpenSSL called back into the module)")
+                self._reaching = True
+                try:
+                    candidate = self._factory(self.config)
+                    candidate.open()
+                finally:
+                    self._reaching = False
                 objects = candidate.public_objects()
                 mechanisms = candidate.mechanisms()
                 if self.config.mechanisms is not None:

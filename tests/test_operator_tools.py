@@ -51,6 +51,76 @@ def test_openssl_snippet_signs_through_the_engine(sandbox: dict[str, str],
     public_key.verify(signed.stdout, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
+def test_openssl_provider_snippet_signs_through_pkcs11_provider(
+        request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """`p11grid config openssl --provider`: where pkcs11-provider is installed (Debian 13),
+    OpenSSL signs with the printed config; where it is not packaged (Debian 12) the command
+    says so and exits 1; on Debian 13 a missing provider is an installation fault."""
+    from p11grid import snippets
+
+    major = snippets.debian_major()
+    if snippets.find_pkcs11_provider() is None:
+        refused = _config("openssl", "--provider", env=dict(os.environ))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert snippets.pkcs11_provider_missing_reason(major) in refused.stderr
+        if major is not None and major >= snippets.PKCS11_PROVIDER_FIRST_DEBIAN:
+            pytest.fail(refused.stderr.strip(), pytrace=False)
+        return
+    sandbox: dict[str, str] = request.getfixturevalue("sandbox")
+    sandbox_environ: dict[str, str] = request.getfixturevalue("sandbox_environ")
+    pin_file = tmp_path / "vm-se.pin"
+    pin_file.touch(mode=0o600)
+    pin_file.write_text(sandbox["P11GRID_PIN"] + "\n")
+    printed = _config("openssl", "--provider", "--pin-file", str(pin_file),
+                      env=sandbox_environ)
+    assert printed.returncode == 0, printed.stderr
+    assert f'pkcs11-module-path = "{sandbox["P11GRID_MODULE"]}"' in printed.stdout
+    assert f'pkcs11-module-token-pin = "file:{pin_file}"' in printed.stdout
+    assert sandbox["P11GRID_PIN"] not in printed.stdout
+    (tmp_path / "openssl.cnf").write_text(printed.stdout)
+    digest = hashlib.sha256(b"p11grid config openssl --provider").digest()
+    (tmp_path / "digest").write_bytes(digest)
+    signed = subprocess.run(
+        ["openssl", "pkeyutl", "-sign", "-inkey", sandbox["P11GRID_EC_URI"], "-in",
+         str(tmp_path / "digest")],
+        env={**sandbox_environ, "OPENSSL_CONF": str(tmp_path / "openssl.cnf")},
+        capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert signed.returncode == 0, signed.stderr
+    certificate = x509.load_pem_x509_certificate(
+        (Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem").read_bytes())
+    public_key = certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(signed.stdout, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
+def test_provider_key_snippet_and_its_refusals(tmp_path: Path) -> None:
+    """`p11grid config provider-key`: the PEM pkcs11-provider decodes, holding the key's URI
+    without the PIN file or the module (the provider's config names those), read back by
+    OpenSSL; a URI holding a PIN, naming no key or not a private key is refused."""
+    env = dict(os.environ)
+    written = _config("provider-key", "--key-uri",
+                      "pkcs11:token=hv-se;object=hv-key?module-path=/usr/lib/softhsm/"
+                      "libsofthsm2.so&pin-source=/etc/hv.pin", "--install",
+                      str(tmp_path / "keys"), env=env)
+    assert written.returncode == 0, written.stderr
+    pem = tmp_path / "keys" / "p11grid-key.pem"
+    assert pem.read_text().startswith("-----BEGIN PKCS#11 PROVIDER URI-----\n")
+    parsed = subprocess.run(["openssl", "asn1parse", "-in", str(pem)], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert parsed.returncode == 0, parsed.stderr
+    assert ":PKCS#11 Provider URI v1.0" in parsed.stdout
+    assert ":pkcs11:token=hv-se;object=hv-key;type=private" in parsed.stdout, parsed.stdout
+    for uri, reason in (("pkcs11:token=t;object=k?pin-value=1234", "holds a PIN"),
+                        ("pkcs11:token=t;object=k;type=cert", "type other than"),
+                        ("pkcs11:token=t", "no object= or id="),
+                        ("/etc/hv.key", "not a PKCS#11 URI")):
+        refused = _config("provider-key", "--key-uri", uri, env=env)
+        assert refused.returncode == 2 and reason in refused.stderr, (uri, refused.stderr)
+        assert "1234" not in refused.stderr + refused.stdout
+    mixed = _config("nginx", "--provider", env=env)
+    assert mixed.returncode == 2 and "are for `p11grid config openssl`" in mixed.stderr
+
+
 def test_nginx_snippet_passes_nginx_t(sandbox: dict[str, str], sandbox_environ: dict[str, str],
                                       tmp_path: Path) -> None:
     """`nginx -t` loads the key through the engine: the snippet is complete."""
@@ -178,3 +248,17 @@ def test_status_reports_health_and_each_failure(sandbox: dict[str, str],
     assert f"FAIL  grid {dead}: GridUnreachable" in unhealthy.stdout, unhealthy.stdout
     assert "FAIL  VM-Auth-Token" in unhealthy.stdout and "signature" in unhealthy.stdout
     assert "status: NOT healthy" in unhealthy.stdout
+
+
+def test_an_installed_file_holding_the_pin_is_owner_only(tmp_path: Path) -> None:
+    target = tmp_path / "p11grid-openssl.cnf"
+    target.write_text("an older, world-readable file\n")
+    target.chmod(0o644)
+    env = dict(os.environ)
+    written = _config("openssl", "--pin", "123456", "--install", str(target), env=env)
+    assert written.returncode == 0, written.stderr
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert "123456" in target.read_text() and "older" not in target.read_text()
+    without_pin = _config("openssl", "--install", str(tmp_path / "plain.cnf"), env=env)
+    assert without_pin.returncode == 0, without_pin.stderr
+    assert "123456" not in (tmp_path / "plain.cnf").read_text()
