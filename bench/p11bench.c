@@ -8,6 +8,12 @@
  * one JSON line on stdout.  Errors (any return value other than CKR_OK) are counted
  * and each distinct code is reported once on stderr.
  *
+ * --sync lets several processes share one timed window: after its setup (sessions, login,
+ * key, first signature) the process prints "ready" on stdout and reads one line from stdin,
+ * the CLOCK_MONOTONIC time in nanoseconds at which its warm-up starts (a clock all
+ * processes of the machine share); the JSON line then carries the window it timed
+ * (window_start_ns, window_end_ns) on that clock.
+ *
  * --cold instead measures a cold start in this fresh process: the wall time from just
  * before C_Initialize to the return of the first successful C_Sign (slot lookup,
  * C_OpenSession, C_Login, C_FindObjects and C_SignInit included), each step's share,
@@ -19,7 +25,7 @@
  *           -o p11bench p11bench.c -ldl
  *
  * Usage: p11bench --module PATH --token LABEL --pin PIN --key LABEL --mech rsa|ec
- *                 [--threads N] [--seconds S] [--warmup S] [--max-ops N]
+ *                 [--threads N] [--seconds S] [--warmup S] [--max-ops N] [--sync]
  *        p11bench --cold [--next N] --module PATH --token LABEL --pin PIN --key LABEL
  *                 --mech rsa|ec
  *
@@ -42,6 +48,8 @@
 #define MAX_SLOTS 64
 #define MAX_SEEN_ERRORS 32
 #define SIG_BUF_MAX 1024
+/* --sync: a start time further away than this is refused (a bounded wait). */
+#define SYNC_MAX_WAIT_NS (60ULL * 1000000000ULL)
 
 /* A fixed SHA-256 DigestInfo (19-byte DER prefix + 32-byte hash = 51 bytes). */
 static const CK_BYTE RSA_DIGEST_INFO[51] = {
@@ -70,6 +78,7 @@ struct options {
     double warmup;
     long max_ops;
     int cold;   /* measure the cold start instead of a steady-state run */
+    int sync;   /* --sync: print "ready", then start at the CLOCK_MONOTONIC ns read on stdin */
     long next;  /* --cold: signatures timed after the first one */
 };
 
@@ -135,7 +144,7 @@ static void usage(void)
 {
     fprintf(stderr,
             "usage: p11bench --module PATH --token LABEL --pin PIN --key LABEL --mech rsa|ec\n"
-            "                [--threads N] [--seconds S] [--warmup S] [--max-ops N]\n"
+            "                [--threads N] [--seconds S] [--warmup S] [--max-ops N] [--sync]\n"
             "       p11bench --cold [--next N] --module PATH --token LABEL --pin PIN\n"
             "                --key LABEL --mech rsa|ec\n");
     exit(2);
@@ -175,8 +184,12 @@ static void parse_args(int argc, char **argv, struct options *o)
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = (i + 1 < argc) ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--cold")) {  /* the only option without a value */
+        if (!strcmp(a, "--cold")) {  /* the options without a value */
             o->cold = 1;
+            continue;
+        }
+        if (!strcmp(a, "--sync")) {
+            o->sync = 1;
             continue;
         }
         if (!v)
@@ -209,6 +222,45 @@ static void parse_args(int argc, char **argv, struct options *o)
         usage();
     if (strcmp(o->mech, "rsa") && strcmp(o->mech, "ec"))
         usage();
+    if (o->cold && o->sync)
+        usage();
+}
+
+/* --sync: say "ready", read the start time (CLOCK_MONOTONIC ns) from stdin, sleep until
+ * then.  A start already past begins at once; no line, a bad one or one too far ahead is
+ * fatal (exit 1): the caller's windows would not line up. */
+static uint64_t wait_for_start(void)
+{
+    char line[64];
+    char *end;
+    unsigned long long start;
+    uint64_t now;
+    struct timespec ts;
+
+    printf("ready\n");
+    fflush(stdout);
+    if (!fgets(line, sizeof(line), stdin)) {
+        fprintf(stderr, "p11bench: --sync: no start time on stdin\n");
+        exit(1);
+    }
+    errno = 0;
+    start = strtoull(line, &end, 10);
+    if (errno || end == line || (*end != '\n' && *end != '\0')) {
+        fprintf(stderr, "p11bench: --sync: bad start time '%s'\n", line);
+        exit(1);
+    }
+    now = now_ns();
+    if (start > now + SYNC_MAX_WAIT_NS) {
+        fprintf(stderr, "p11bench: --sync: start time is more than 60 s away\n");
+        exit(1);
+    }
+    if (start > now) {
+        ts.tv_sec = (time_t)(start / 1000000000ULL);
+        ts.tv_nsec = (long)(start % 1000000000ULL);
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+    }
+    return now_ns();
 }
 
 /* Compare a blank-padded 32-byte token label with a C string. */
@@ -571,7 +623,7 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    start_ns = now_ns();
+    start_ns = o.sync ? wait_for_start() : now_ns();
     warm_end_ns = start_ns + (uint64_t)(o.warmup * 1e9);
     stop_ns = warm_end_ns + (uint64_t)(o.seconds * 1e9);
     /* The barrier publishes warm_end_ns/stop_ns to the workers. */
@@ -628,10 +680,11 @@ int main(int argc, char **argv)
     printf(", \"mech\": ");
     print_json_string(o.mech);
     printf(", \"threads\": %d, \"ops\": %ld, \"seconds\": %.4f, \"ops_per_s\": %.2f"
-           ", \"p50_us\": %.1f, \"p99_us\": %.1f, \"errors\": %ld}\n",
+           ", \"p50_us\": %.1f, \"p99_us\": %.1f, \"errors\": %ld"
+           ", \"window_start_ns\": %llu, \"window_end_ns\": %llu}\n",
            o.threads, total_ops, elapsed, elapsed > 0 ? (double)total_ops / elapsed : 0.0,
            percentile_us(all, total_ops, 50.0), percentile_us(all, total_ops, 99.0),
-           total_errors);
+           total_errors, (unsigned long long)begin_ns, (unsigned long long)end_ns);
     fflush(stdout);
     free(all);
     /* Deliberately no dlclose(): an embedded interpreter may not survive unloading. */
