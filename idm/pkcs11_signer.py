@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -293,7 +294,52 @@ def _check_library(library: Any, module: Path, uri: Pkcs11Uri) -> None:
                                 f"{uri.library_version}")
 
 
+# SoftHSM2 reads its token directories once, in C_Initialize, and skips a token whose
+# token.object another process is rewriting at that moment (it does at every login): the
+# token then stays missing for this process's life. So a token not found is looked for
+# again after initializing the library anew, a few times, while this process holds no
+# login on that library (a login would be lost with it).
+_TOKEN_RETRY_DELAYS = (0.05, 0.1, 0.2)
+
+
 def _find_token(library: Any, module: Path, uri: Pkcs11Uri) -> Any:
+    for delay in (*_TOKEN_RETRY_DELAYS, None):
+        try:
+            return _find_token_once(library, module, uri)
+        except TokenNotFound:
+            if delay is None or not _initialize_again(module, library, delay):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _initialize_again(module: Path, library: Any, delay: float) -> bool:
+    """C_Finalize and C_Initialize `library` after `delay` seconds, with the environment it
+    was loaded with; False (nothing done) while a login of this process depends on it."""
+    key = str(module)
+    with _libraries_lock, _logins_lock:
+        if any(login_key[0] == key for login_key in _logins):
+            return False
+        time.sleep(delay)
+        wanted = _environments.get(key, {})
+        saved = {name: os.environ.get(name) for name in wanted}
+        os.environ.update(wanted)
+        try:
+            library.finalize()
+            library.initialize()
+        except Exception as exc:  # whatever the library says, reported once
+            log.info("initializing %s again to look for its token: %s", module, exc)
+            return False
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    log.info("%s: token not found; looked again after initializing the library anew", module)
+    return True
+
+
+def _find_token_once(library: Any, module: Path, uri: Pkcs11Uri) -> Any:
     from pkcs11 import TokenFlag
     from pkcs11 import exceptions as errors
 

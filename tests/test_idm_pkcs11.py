@@ -590,3 +590,38 @@ def test_generating_over_an_existing_key_is_refused(signed: dict[str, Any]) -> N
 def test_signers_on_one_token_share_the_login(signed: dict[str, Any]) -> None:
     assert signed["shared_login"] == "ok"
     assert "closed" in _error(signed, "closed", "SignerError")
+
+
+LATE_TOKEN_SCRIPT = """
+import json, subprocess, sys
+from pathlib import Path
+from idm.pkcs11_signer import Pkcs11Signer, _library
+from idm.pkcs11_uri import parse_pkcs11_uri
+
+module, conf, pin = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+environment = {"SOFTHSM2_CONF": conf}
+_library(module, environment)  # C_Initialize: the token "late" does not exist yet
+env = {"SOFTHSM2_CONF": conf, "PATH": "/usr/bin:/bin"}
+for command in (
+        ["softhsm2-util", "--init-token", "--free", "--label", "late", "--so-pin", "so-pin-1",
+         "--pin", pin],
+        ["pkcs11-tool", "--module", str(module), "--token-label", "late", "--login", "--pin",
+         pin, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "k", "--id", "71"]):
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
+signer = Pkcs11Signer(module, parse_pkcs11_uri("pkcs11:token=late;object=k"), pin,
+                      environment)
+print(json.dumps({"signature": signer.sign_x509(b"late token").hex()}))
+"""
+
+
+def test_a_token_missed_at_initialization_is_found_again(softhsm: dict[str, Any]) -> None:
+    """SoftHSM2 reads its tokens once, in C_Initialize; a token missing then (made later,
+    or being rewritten by another process's login at that moment) is found by
+    initializing the library anew."""
+    done = subprocess.run([sys.executable, "-c", LATE_TOKEN_SCRIPT, str(SOFTHSM),
+                           str(softhsm["conf"]), PIN],
+                          env={k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    signature = bytes.fromhex(json.loads(done.stdout)["signature"])
+    assert len(signature) > 60  # a DER ECDSA signature made inside token "late"
