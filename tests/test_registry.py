@@ -35,7 +35,7 @@ from grid_backend.registry import (
 )
 from grid_backend.registry.audit import AuditWriter
 from grid_backend.secure_element import ElementFailure
-from grid_backend.service.config import load
+from grid_backend.service.config import GridConfigError, load
 from grid_backend.service.server import AuditTrail, Caller, GridService
 from idm.authority import Authority
 from idm.chain import TrustAnchor
@@ -604,6 +604,17 @@ def test_grid_config_takes_a_url_and_a_node(tmp_path: Path) -> None:
     config.write_text(base + 'registry = "/var/lib/p11grid/registry.sqlite"\n')
     assert load(config).registry == Path("/var/lib/p11grid/registry.sqlite")
     assert load(config).node == ""
+    # Audit rows in the registry: shared by the nodes of a PostgreSQL registry by default,
+    # off by default for the embedded SQLite one (its audit file is the record).
+    assert load(config).audit_to_registry is False
+    config.write_text(base + 'registry = "postgresql://grid@db/p11grid"\n')
+    assert load(config).audit_to_registry is True
+    config.write_text(base + 'registry = "postgresql://grid@db/p11grid"\n'
+                             'audit_to_registry = false\n')
+    assert load(config).audit_to_registry is False
+    config.write_text(base + 'registry = "/r.sqlite"\naudit_to_registry = "yes"\n')
+    with pytest.raises(GridConfigError, match="audit_to_registry must be true or false"):
+        load(config)
     # `p11grid db` finds the registry in the service's config.
     config.write_text(base + f'registry = "{tmp_path / "grid.sqlite"}"\n')
     assert main(["db", "upgrade", "--config", str(config)]) == 0

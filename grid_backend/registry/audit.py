@@ -51,6 +51,8 @@ class AuditWriter:
         self._unreported = 0
         self._last_error = ""
         self._reported = 0.0
+        self._second = -1  # the second _prefix spells
+        self._prefix = ""
         self._thread = threading.Thread(target=self._run, name="grid-audit-db", daemon=True)
         self._thread.start()
 
@@ -77,7 +79,14 @@ class AuditWriter:
                 at, who, seid, key, mechanism, operation, result, ms = self._pending.popleft()
             except IndexError:
                 break
-            stamp = dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="milliseconds")
+            # One datetime per second of rows, not per row: this thread shares the
+            # interpreter with the service's reactor.
+            second = int(at)
+            if second != self._second:
+                self._second = second
+                self._prefix = dt.datetime.fromtimestamp(second, dt.UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%S")
+            stamp = f"{self._prefix}.{int((at - second) * 1000):03d}+00:00"
             taken.append(AuditRow(stamp, self.node, who, seid, key, mechanism, operation,
                                   result, ms))
         return taken

@@ -496,7 +496,7 @@ class GridServer:
         # the connection that answers callers, nor they for it.
         self.audit = AuditTrail(config.audit_log, AuditWriter(
             lambda: open_registry(registry.location, registry.node), registry.node,
-            registry.display))
+            registry.display) if config.audit_to_registry else None)
         self._incoming: queue.SimpleQueue[_Link] = queue.SimpleQueue()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
