@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -186,3 +187,25 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+P11KIT_MODULES = Path("/etc/pkcs11/modules")
+
+
+@pytest.fixture()
+def p11kit_registration(sandbox_environ: dict[str, str]) -> Iterator[Path]:
+    """Our module file in /etc/pkcs11/modules for one test (p11-kit ignores the user's
+    own configuration when run as root), removed afterwards with what it created."""
+    created = [d for d in (P11KIT_MODULES.parent, P11KIT_MODULES) if not d.exists()]
+    installed = subprocess.run([sys.executable, "-m", "p11grid", "config", "p11kit",
+                                "--install", str(P11KIT_MODULES)], env=sandbox_environ,
+                               capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0, installed.stderr
+    module_file = P11KIT_MODULES / "p11grid.module"
+    try:
+        yield module_file
+    finally:
+        module_file.unlink(missing_ok=True)
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()

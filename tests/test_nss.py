@@ -85,3 +85,33 @@ def test_a_wrong_pin_is_refused(nss_database: Path, tmp_path: Path,
                    str(password), env=sandbox_environ)
     assert refused.returncode != 0
     assert "SEC_ERROR_BAD_PASSWORD" in refused.stdout + refused.stderr
+
+
+P11KIT_PROXY = Path("/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so")
+
+
+def test_nss_finds_the_module_through_p11_kit(p11kit_registration: Path, tmp_path: Path,
+                                              sandbox_environ: dict[str, str]) -> None:
+    """How NSS programs find registered modules: p11-kit's proxy in the NSS database (as
+    distributions wire it), and our p11-kit module file, installed by `p11grid config
+    p11kit --install`, behind it."""
+    if not P11KIT_PROXY.exists():
+        pytest.fail(f"{P11KIT_PROXY} is missing: apt-get install p11-kit-modules")
+    database = tmp_path / "nssdb"
+    database.mkdir()
+    assert _nss("certutil", "-N", "-d", f"sql:{database}", "--empty-password",
+                env=sandbox_environ).returncode == 0
+    added = _nss("modutil", "-add", "p11-kit-proxy", "-libfile", str(P11KIT_PROXY),
+                 "-dbdir", f"sql:{database}", "-force", env=sandbox_environ)
+    assert added.returncode == 0, added.stdout + added.stderr
+    listed = _nss("modutil", "-list", "-dbdir", f"sql:{database}", env=sandbox_environ)
+    assert listed.returncode == 0, listed.stderr
+    ours = listed.stdout[listed.stdout.index("p11-kit-proxy"):]
+    # Our tokens (SoftHSM2's own registration shows the sandbox's token vm-se too, but
+    # with SoftHSM2 as its manufacturer).
+    assert "token=vm-se;manufacturer=p11grid" in ours, listed.stdout
+    assert "token=piv-se;manufacturer=p11grid" in ours, listed.stdout
+    # Gone with the module file: they came through it.
+    p11kit_registration.unlink()
+    again = _nss("modutil", "-list", "-dbdir", f"sql:{database}", env=sandbox_environ)
+    assert again.returncode == 0 and "manufacturer=p11grid" not in again.stdout

@@ -4,14 +4,12 @@ systemd-analyze) and `p11grid status` (health, and each failure named)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 P11GRID = [sys.executable, "-m", "p11grid"]
-P11KIT_MODULES = Path("/etc/pkcs11/modules")
 
 
 def _config(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -139,23 +136,6 @@ def test_nginx_snippet_passes_nginx_t(sandbox: dict[str, str], sandbox_environ: 
                              env=sandbox_environ, capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stderr
     assert "test is successful" in checked.stderr
-
-
-@pytest.fixture()
-def p11kit_registration(sandbox_environ: dict[str, str]) -> Iterator[Path]:
-    """Our module file in /etc/pkcs11/modules for one test (p11-kit ignores the user's
-    own configuration when run as root), removed afterwards with what it created."""
-    created = [d for d in (P11KIT_MODULES.parent, P11KIT_MODULES) if not d.exists()]
-    installed = _config("p11kit", "--install", str(P11KIT_MODULES), env=sandbox_environ)
-    assert installed.returncode == 0, installed.stderr
-    module_file = P11KIT_MODULES / "p11grid.module"
-    try:
-        yield module_file
-    finally:
-        module_file.unlink(missing_ok=True)
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
 
 
 def test_p11kit_and_gnutls_find_the_module(p11kit_registration: Path,
