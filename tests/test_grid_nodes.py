@@ -173,4 +173,6 @@ def test_a_node_killed_mid_run(world: dict[str, str], postgres_url: str,
     after = [total - marked for total, marked in zip(report["signed"], report["marked"],
                                                        strict=True)]
     assert all(count > 0 for count in after), report
-    assert second.audited_signatures() >= sum(after)
+    # Node 2 signed them: all but at most one per thread, whose reply from node 1 came
+    # before the kill but was counted after the mark.
+    assert second.audited_signatures() >= sum(after) - THREADS

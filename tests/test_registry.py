@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import jwt
+import psycopg.conninfo
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -34,6 +35,7 @@ from grid_backend.registry import (
     open_registry,
 )
 from grid_backend.registry.audit import AuditWriter
+from grid_backend.registry.postgres import parse_location
 from grid_backend.secure_element import ElementFailure
 from grid_backend.service.config import GridConfigError, load
 from grid_backend.service.server import AuditTrail, Caller, GridService
@@ -479,6 +481,24 @@ def test_a_wrong_or_missing_password_is_a_clear_error(postgres_url: str, tmp_pat
         open_registry(f"{url}?password_file={tmp_path / 'absent'}")
 
 
+def test_libpq_parameters_reach_it_as_written() -> None:
+    """Not re-encoded (libpq reads %20 as a space and + as a plus), and not replaced by
+    our defaults; our own parameters and any password stay out of what is shown."""
+    target = parse_location("postgresql://grid:s%3Acret@db/p11grid?options=-c%20search_path"
+                            "%3Dgrid&application_name=node+1&statement_timeout=900"
+                            "&sslmode=require&pass%77ord=other")
+    assert "statement_timeout" not in target.conninfo
+    given = psycopg.conninfo.conninfo_to_dict(target.conninfo)
+    assert (given["application_name"], given["sslmode"]) == ("node+1", "require")
+    assert "application_name" not in target.options
+    assert target.options["options"] == "-c search_path=grid -c statement_timeout=900"
+    assert target.display == "postgresql://grid@db/p11grid?options=-c%20search_path%3Dgrid" \
+        "&application_name=node+1&statement_timeout=900&sslmode=require"
+    assert target.secret == "s:cret"
+    assert parse_location("postgresql://grid@db/x?password=a+b").secret == "a+b"
+    assert parse_location("postgresql://grid@db/x").options["application_name"] == "p11grid"
+
+
 def test_an_unreachable_database_fails_fast(postgres_server: PostgresServer) -> None:
     url = f"postgresql://{postgres_server.user}@127.0.0.1:{_closed_port()}/x" \
           f"?password_file={postgres_server.password_file}"
@@ -541,7 +561,7 @@ def test_a_stalled_database_gives_an_error_within_the_deadline(
     _upgraded(postgres_url)
     relay = _Relay(postgres_server.port)
     url = postgres_url.replace(f":{postgres_server.port}/", f":{relay.port}/") \
-        + "&statement_timeout=500"
+        + "&statement_timeout=500&connect_timeout=4"
     registry = open_registry(url)
     try:
         assert registry.allowed([VM1]) == set()
@@ -550,6 +570,26 @@ def test_a_stalled_database_gives_an_error_within_the_deadline(
         with pytest.raises(RegistryError, match=r"did not answer within 2.5 s"):
             registry.allowed([VM1])
         assert time.monotonic() - started < 4.5  # statement_timeout + 2 s grace, not forever
+        # A thread reconnecting (4 s to connect_timeout) holds the shared connection; one
+        # queued behind it gives up after the 2.5 s deadline, not when that one ends.
+        reconnecting: list[BaseException] = []
+
+        def reconnect() -> None:
+            try:
+                registry.allowed([VM1])
+            except RegistryError as exc:
+                reconnecting.append(exc)
+
+        holder = threading.Thread(target=reconnect)
+        holder.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(RegistryError, match=r"is busy: another request has held its "
+                                                r"connection for over 2.5 s"):
+            registry.allowed([VM1])
+        assert time.monotonic() - started < 3.2
+        holder.join(10)
+        assert "cannot connect to the registry" in str(reconnecting)
         relay.frozen.clear()
         assert registry.allowed([VM1]) == set()  # a new connection, by itself
     finally:

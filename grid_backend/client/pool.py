@@ -164,7 +164,7 @@ class _Contention:
     instantaneous runnable count in /proc/loadavg, read at most every 0.1 s. Polling for a
     reply saves two cross-core wake-ups when cores are idle, but on a busy machine (nginx
     workers, the grid and clients sharing cores) it burns CPU that others need: measured,
-    it halves nginx's handshakes per second with an RSA key in the grid."""
+    it cost nginx a fifth of its handshakes per second with an RSA key in the grid."""
 
     PERIOD = 0.1
 

@@ -12,11 +12,13 @@ the operator's view.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from grid_backend.registry.core import (
     AuditRow,
+    ElementNotRegistered,
     ElementRecord,
     IdentityRecord,
     KeyRecord,
@@ -25,13 +27,20 @@ from grid_backend.registry.core import (
     RevocationRecord,
     identity_kind,
 )
-from grid_backend.registry.sqlite import SqliteRegistry
+from grid_backend.registry.sqlite import SqliteDatabase, SqliteRegistry
 
 DEFAULT_REGISTRY = "/var/lib/p11grid/registry.sqlite"
 
-__all__ = ["DEFAULT_REGISTRY", "AuditRow", "ElementRecord", "IdentityRecord", "KeyRecord",
-           "Registry", "RegistryError", "RevocationRecord", "SqliteRegistry", "display",
-           "identity_kind", "is_postgres", "open_database", "open_registry"]
+__all__ = ["DEFAULT_REGISTRY", "AuditRow", "ElementNotRegistered", "ElementRecord",
+           "IdentityRecord", "KeyRecord", "Registry", "RegistryError", "RevocationRecord",
+           "SqliteRegistry", "display", "identity_kind", "is_postgres", "open_database",
+           "open_registry", "registry_location"]
+
+
+def registry_location(given: str | Path | None) -> str:
+    """The registry the commands use: `given` (--registry), else $P11GRID_REGISTRY, else
+    the default SQLite file."""
+    return str(given or os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY)
 
 
 def is_postgres(location: str | Path) -> bool:
@@ -43,16 +52,17 @@ def display(location: str | Path) -> str:
     in the user part and as a `password` parameter)."""
     if not is_postgres(location):
         return str(location)
-    from urllib.parse import urlsplit, urlunsplit
+    from urllib.parse import unquote, urlsplit, urlunsplit
 
     parts = urlsplit(str(location))
     netloc = parts.netloc
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.split(':', 1)[0]}@{host}"
-    # The query as written (not re-encoded), less any password parameter.
+    # The query as written (not re-encoded), less any password parameter (whose name
+    # libpq decodes: pass%77ord is one too).
     query = "&".join(item for item in parts.query.split("&")
-                     if item.split("=", 1)[0] != "password")
+                     if unquote(item.split("=", 1)[0]) != "password")
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
@@ -74,8 +84,6 @@ def open_database(location: str | Path, create: bool = True) -> Any:
         from grid_backend.registry.postgres import PostgresDatabase
 
         return PostgresDatabase(str(location))
-    from grid_backend.registry.sqlite import SqliteDatabase
-
     path = Path(location)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -104,8 +104,10 @@ class AuditWriter:
                         registry = self._open()
                     registry.add_audit(rows)
                     self.written += len(rows)
-                except (RegistryError, OSError) as exc:
-                    self._drop(len(rows), str(exc))
+                except Exception as exc:
+                    if not isinstance(exc, RegistryError | OSError):
+                        log.exception("audit: writing rows to the registry failed")
+                    self._drop(len(rows), str(exc) or type(exc).__name__)
                     if registry is not None:
                         registry.close()
                         registry = None

@@ -4,12 +4,17 @@ bring it to this p11grid's."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from grid_backend.registry import DEFAULT_REGISTRY, RegistryError, migrations, open_database
+from grid_backend.registry import (
+    DEFAULT_REGISTRY,
+    RegistryError,
+    migrations,
+    open_database,
+    registry_location,
+)
 
 
 def _location(arguments: argparse.Namespace) -> str:
@@ -24,7 +29,7 @@ def _location(arguments: argparse.Namespace) -> str:
             return str(load(Path(arguments.config)).registry)
         except GridConfigError as exc:
             raise RegistryError(str(exc)) from None
-    return os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY
+    return registry_location(None)
 
 
 def upgrade(arguments: argparse.Namespace) -> int:

@@ -24,6 +24,11 @@ class RegistryError(Exception):
     """A registry request that cannot be done; the message says why (never a password)."""
 
 
+class ElementNotRegistered(RegistryError):
+    """No placement of this seid on this registry's node: the element is unknown here,
+    not the database failing."""
+
+
 @dataclass(frozen=True)
 class ElementRecord:
     seid: str
@@ -144,7 +149,17 @@ class SqlRegistry:
     placements keyed by (seid, node): this object sees its own node's; bindings, keys,
     administrators, identities and revocations are per seid or global, for every node."""
 
-    def __init__(self, database: Database, location: str, node: str = "") -> None:
+    def __init__(self, database: Database, location: str, node: str = "",
+                 create_if_empty: bool = False) -> None:
+        """Takes over `database`, closing it if its schema is not one this code can use
+        (migrations.check says which command to run)."""
+        from grid_backend.registry import migrations  # which imports this module
+
+        try:
+            migrations.check(database, create_if_empty)
+        except RegistryError:
+            database.close()
+            raise
         self._db = database
         self.location = location
         self.node = node
@@ -170,17 +185,15 @@ class SqlRegistry:
         return ElementRecord(seid, label, driver, json.loads(settings), node)
 
     def add_element(self, record: ElementRecord) -> None:
-        def work(tx: Transaction) -> None:
-            if tx.run("SELECT 1 FROM secure_element WHERE seid = ? AND node = ?",
-                      (record.seid, record.node)):
-                raise RegistryError(f"secure element {record.seid!r} is already registered"
-                                    + (f" on node {record.node!r}" if record.node else ""))
-            tx.run("INSERT INTO secure_element (seid, label, driver, settings, created, node) "
-                   "VALUES (?, ?, ?, ?, ?, ?)",
-                   (record.seid, record.label, record.driver,
-                    json.dumps(record.settings, sort_keys=True), now_text(), record.node))
-
-        self._db.transaction(work)
+        # One statement: two nodes adding the same placement at once cannot both pass a
+        # check made before the insert (PostgreSQL's transactions do not serialise them).
+        if not self._db.transaction(lambda tx: tx.count(
+                "INSERT INTO secure_element (seid, label, driver, settings, created, node) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (seid, node) DO NOTHING",
+                (record.seid, record.label, record.driver,
+                 json.dumps(record.settings, sort_keys=True), now_text(), record.node))):
+            raise RegistryError(f"secure element {record.seid!r} is already registered"
+                                + (f" on node {record.node!r}" if record.node else ""))
 
     def update_element(self, record: ElementRecord) -> None:
         """Replace a placement's label, driver and settings; bindings, keys and
@@ -210,9 +223,9 @@ class SqlRegistry:
             "SELECT node FROM secure_element WHERE seid = ? ORDER BY node", (seid,))]
         if elsewhere:
             nodes = ", ".join(repr(node) for node in elsewhere)
-            raise RegistryError(f"secure element {seid!r} is not placed on node "
-                                f"{self.node!r} (it is on {nodes})")
-        raise RegistryError(f"no secure element {seid!r}")
+            raise ElementNotRegistered(f"secure element {seid!r} is not placed on node "
+                                       f"{self.node!r} (it is on {nodes})")
+        raise ElementNotRegistered(f"no secure element {seid!r}")
 
     @staticmethod
     def _require(tx: Transaction, seid: str) -> None:
@@ -255,16 +268,11 @@ class SqlRegistry:
     # Keys and administrators --------------------------------------------------------------------
 
     def add_key(self, record: KeyRecord) -> None:
-        def work(tx: Transaction) -> None:
-            if tx.run("SELECT 1 FROM element_key WHERE seid = ? AND label = ?",
-                      (record.seid, record.label)):
-                raise RegistryError(f"{record.seid} already has a key labelled "
-                                    f"{record.label!r}")
-            tx.run("INSERT INTO element_key (seid, label, key_id, kind, created) "
-                   "VALUES (?, ?, ?, ?, ?)",
-                   (record.seid, record.label, record.key_id, record.kind, now_text()))
-
-        self._db.transaction(work)
+        if not self._db.transaction(lambda tx: tx.count(
+                "INSERT INTO element_key (seid, label, key_id, kind, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (seid, label) DO NOTHING",
+                (record.seid, record.label, record.key_id, record.kind, now_text()))):
+            raise RegistryError(f"{record.seid} already has a key labelled {record.label!r}")
 
     def remove_keys(self, seid: str, key_id: str) -> None:
         """Forget the keys recorded with this id (hex) in the element: a PIV slot's key,

@@ -3,8 +3,9 @@
 The location is a libpq URL, `postgresql://USER@HOST:PORT/DBNAME?PARAMS`. The password
 comes from where libpq looks (PGPASSWORD, PGPASSFILE, ~/.pgpass) or from our own
 `password_file=PATH` parameter (a file holding only the password); one written in the URL
-works but is discouraged. Two more parameters of ours: `statement_timeout` (ms, default
-5000). libpq's `connect_timeout` defaults to 5 s here.
+works but is discouraged. One more parameter of ours: `statement_timeout` (ms, default
+5000). libpq's `connect_timeout` defaults to 5 s here; every other parameter goes to libpq
+as written.
 
 Threads share one connection behind a lock. The service asks the registry little (an
 element when first used, bindings cached for 2 s per caller, a few rows per authorize),
@@ -13,9 +14,10 @@ writer, opens its own registry. A dropped connection is noticed at the next requ
 which reopens it (and runs once more if the old one had died while idle).
 
 Deadlines: connect_timeout bounds connecting; statement_timeout bounds a request the
-server is slow to run; and a watchdog shuts the socket of any request that has not
-ended statement_timeout + 2 s after it began (a network that stalls, a server that
-stops answering), so no call waits longer than that, whatever the fault.
+server is slow to run; a watchdog shuts the socket of any request that has not ended
+statement_timeout + 2 s after it began (a network that stalls, a server that stops
+answering); and a thread waits for the shared connection no longer than that either, so
+no call waits without a deadline, whatever the fault.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 
-from grid_backend.registry import display, migrations
+from grid_backend.registry import display
 from grid_backend.registry.core import Database, RegistryError, SqlRegistry, T, Transaction
 
 SCHEMES = ("postgresql", "postgres")
@@ -55,17 +57,27 @@ class Target:
     statement_timeout_ms: int
 
 
+def _parameter(item: str) -> tuple[str, str]:
+    """One `name=value` of a URL's query, decoded as libpq does (%XX only: a `+` stays a
+    `+`, unlike in an HTML form's query)."""
+    name, _, value = item.partition("=")
+    return urllib.parse.unquote(name), urllib.parse.unquote(value)
+
+
 def parse_location(location: str) -> Target:
     parts = urllib.parse.urlsplit(location)
     if parts.scheme not in SCHEMES:
         raise RegistryError("a registry URL starts with postgresql://")
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    items = [item for item in parts.query.split("&") if item]
+    query = [_parameter(item) for item in items]
     ours = {name: value for name, value in query if name in OUR_PARAMETERS}
-    theirs = [(name, value) for name, value in query if name not in OUR_PARAMETERS]
+    # libpq's parameters go to it as written: decoded and encoded again they could change.
+    theirs = "&".join(item for item, (name, _) in zip(items, query, strict=True)
+                      if name not in OUR_PARAMETERS)
     shown = display(location)
     secret = urllib.parse.unquote(parts.password) if parts.password else \
         next((value for name, value in query if name == "password"), None)
-    options: dict[str, Any] = {"application_name": "p11grid"}
+    options: dict[str, Any] = {}
     if "password_file" in ours:
         path = Path(ours["password_file"])
         try:
@@ -81,16 +93,17 @@ def parse_location(location: str) -> Target:
     except ValueError:
         raise RegistryError(f"registry {shown}: statement_timeout must be a positive number "
                             "of milliseconds") from None
-    conninfo = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path,
-                                        urllib.parse.urlencode(theirs), ""))
+    conninfo = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, theirs, ""))
     try:
         given = psycopg.conninfo.conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
         raise RegistryError(f"registry {shown}: not a valid libpq URL: "
                             f"{_scrub(str(exc), secret)}") from None
-    if "connect_timeout" not in given:
-        options["connect_timeout"] = CONNECT_TIMEOUT
-    # Keyword parameters replace the URL's: add to its options rather than lose them.
+    # Keyword parameters replace the URL's: only defaults for what it does not say.
+    for name, default in (("connect_timeout", CONNECT_TIMEOUT), ("application_name", "p11grid")):
+        if name not in given:
+            options[name] = default
+    # Add to the URL's options rather than lose them.
     options["options"] = f"{given.get('options', '')} -c statement_timeout={timeout_ms}".strip()
     return Target(conninfo, options, shown, secret, timeout_ms)
 
@@ -162,8 +175,7 @@ class PostgresDatabase(Database):
         self._deadline = self._target.statement_timeout_ms / 1000 + GRACE
         self._lock = threading.Lock()
         self._connection: psycopg.Connection[Any] | None = None
-        with self._lock:
-            self._open()  # a wrong URL or password shows now, not at the first caller
+        self._open()  # a wrong URL or password shows now, not at the first caller
 
     def _open(self) -> psycopg.Connection[Any]:
         try:
@@ -195,27 +207,45 @@ class PostgresDatabase(Database):
         return _scrub(text, self._target.secret)
 
     def transaction(self, work: Callable[[Transaction], T], write: bool = True) -> T:
-        with self._lock:
-            for attempt in (1, 2):
-                reused = self._connection is not None
-                connection = self._connection or self._open()
-                watchdog: _Watchdog | None = None
-                try:
-                    watchdog = _Watchdog(connection, self._deadline)
-                    with watchdog, connection.cursor() as cursor:
-                        if not write:
-                            return work(_Cursor(cursor))
-                        with connection.transaction():
-                            return work(_Cursor(cursor))
-                except psycopg.Error as exc:
-                    cut = watchdog is not None and watchdog.fired
-                    lost = cut or connection.broken or connection.closed
-                    if lost:
-                        self._discard()
-                    if lost and reused and not cut and attempt == 1:
-                        continue  # it died while idle (a server restart): once more, anew
-                    raise RegistryError(self._failure(exc, cut)) from None
-            raise AssertionError("unreachable")
+        # Waiting for the shared connection has a deadline too: else each thread queued
+        # behind a stalled database would wait out every request (and reconnection)
+        # ahead of it.
+        if not self._lock.acquire(timeout=self._deadline):
+            raise RegistryError(f"the registry {self.display} is busy: another request has "
+                                f"held its connection for over {self._deadline:g} s (the "
+                                "database or the network to it is slow or stalled)")
+        try:
+            return self._attempts(work, write)
+        finally:
+            self._lock.release()
+
+    def _attempts(self, work: Callable[[Transaction], T], write: bool) -> T:
+        for attempt in (1, 2):
+            reused = self._connection is not None
+            connection = self._connection or self._open()
+            watchdog: _Watchdog | None = None
+            committing = False
+            try:
+                watchdog = _Watchdog(connection, self._deadline)
+                with watchdog, connection.cursor() as cursor:
+                    if not write:
+                        return work(_Cursor(cursor))
+                    with connection.transaction():
+                        result = work(_Cursor(cursor))
+                        committing = True  # a failure now may come after the server committed
+                    return result
+            except psycopg.Error as exc:
+                cut = watchdog is not None and watchdog.fired
+                lost = cut or connection.broken or connection.closed
+                if lost:
+                    self._discard()
+                if lost and reused and not cut and not committing and attempt == 1:
+                    # It died while idle (a server restart), and nothing of this request
+                    # was committed: once more, on a new connection.
+                    continue
+                unknown = "; whether its change was committed is unknown" if committing else ""
+                raise RegistryError(self._failure(exc, cut) + unknown) from None
+        raise AssertionError("unreachable")
 
     def migrate(self, work: Callable[[Transaction], T]) -> T:
         return self.transaction(work, write=True)
@@ -239,10 +269,4 @@ class PostgresRegistry(SqlRegistry):
     schema must be current (`p11grid db upgrade`)."""
 
     def __init__(self, location: str, node: str = "") -> None:
-        database = PostgresDatabase(location)
-        try:
-            migrations.check(database, create_if_empty=False)
-        except RegistryError:
-            database.close()
-            raise
-        super().__init__(database, location, node)
+        super().__init__(PostgresDatabase(location), location, node)

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from grid_backend.registry import migrations
 from grid_backend.registry.core import Database, RegistryError, SqlRegistry, T, Transaction
 
 BUSY_TIMEOUT = 10.0  # s a writer waits for another process's write to end
@@ -96,10 +95,4 @@ class SqliteRegistry(SqlRegistry):
 
     def __init__(self, path: Path | str, node: str = "") -> None:
         self.path = Path(path)
-        database = SqliteDatabase(self.path)
-        try:
-            migrations.check(database, create_if_empty=True)
-        except RegistryError:
-            database.close()
-            raise
-        super().__init__(database, str(self.path), node)
+        super().__init__(SqliteDatabase(self.path), str(self.path), node, create_if_empty=True)

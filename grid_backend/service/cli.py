@@ -24,16 +24,12 @@ from grid_backend.registry import (
     RegistryError,
     is_postgres,
     open_registry,
+    registry_location,
 )
 from grid_backend.secure_element import ElementError
 from idm.chain import ChainRefused
 
 log = logging.getLogger("p11grid.grid")
-
-
-def registry_location(given: str | None) -> str:
-    """--registry, else $P11GRID_REGISTRY, else the default SQLite file."""
-    return given or os.environ.get("P11GRID_REGISTRY") or DEFAULT_REGISTRY
 
 
 def _registry(arguments: argparse.Namespace) -> Registry:
@@ -214,8 +210,13 @@ def keygen(arguments: argparse.Namespace) -> int:
               f"tokens; a {record.driver} element cannot export one: generate a key in each "
               "element instead", file=sys.stderr)
         return 2
-    replicas = [open_registry(registry_location(arguments.registry), node).element(
-        arguments.seid) for node in arguments.replicate_to_node or ()]
+    replicas = []
+    for node in arguments.replicate_to_node or ():
+        placements = open_registry(registry_location(arguments.registry), node)
+        try:
+            replicas.append(placements.element(arguments.seid))
+        finally:
+            placements.close()
     for replica in replicas:
         if replica.driver != "pkcs11":
             raise RegistryError(f"{arguments.seid} on node {replica.node} is a "

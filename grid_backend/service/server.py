@@ -43,7 +43,7 @@ from grid_backend.protocol import (
     failure_kind,
     frame_length,
 )
-from grid_backend.registry import Registry, RegistryError, open_registry
+from grid_backend.registry import ElementNotRegistered, Registry, RegistryError, open_registry
 from grid_backend.registry.audit import AuditWriter
 from grid_backend.secure_element import (
     ElementError,
@@ -118,7 +118,8 @@ class GridService:
             if seid not in self._hosted:
                 try:
                     record = self.registry.element(seid)
-                except RegistryError as exc:
+                except ElementNotRegistered as exc:
+                    # A database failure is not this: it reaches handle() as one.
                     raise ElementRefused(f"no element {seid}") from exc
                 settings = dict(record.settings)
                 mechanisms = settings.pop("mechanisms", None)

@@ -102,12 +102,16 @@ def read_state(tx: Transaction, dialect: str, display: str) -> State:
                         "alone")
 
 
+def _state(database: Database) -> State:
+    return database.transaction(lambda tx: read_state(tx, database.dialect, database.display),
+                                write=False)
+
+
 def check(database: Database, create_if_empty: bool) -> int:
     """The schema version of an opened database, if this code can use it; else
     RegistryError saying what to do. An empty one is brought to the latest version when
     `create_if_empty` (the embedded SQLite default needs no setup step)."""
-    state = database.transaction(lambda tx: read_state(tx, database.dialect, database.display),
-                                 write=False)
+    state = _state(database)
     if state.empty and create_if_empty:
         upgrade(database)
         return latest()
@@ -124,9 +128,7 @@ def check(database: Database, create_if_empty: bool) -> int:
 
 
 def status(database: Database) -> int:
-    state = database.transaction(lambda tx: read_state(tx, database.dialect, database.display),
-                                 write=False)
-    return state.version
+    return _state(database).version
 
 
 def upgrade(database: Database, say: Callable[[str], None] = lambda line: None,
