@@ -68,6 +68,27 @@ def _request_from_element(arguments: argparse.Namespace, identity: Identity
         return certificate_request(signer, identity)
 
 
+def _store_next_to_key(arguments: argparse.Namespace, certificate: x509.Certificate) -> None:
+    """The new certificate also goes into the token, next to its key, replacing the one
+    before: `p11grid token issue` takes the certificate from there. A token that keeps no
+    objects (a key behind libp11grid.so, say) only gets a note."""
+    from idm.pkcs11_signer import Pkcs11Signer, SignerError
+    from idm.pkcs11_uri import parse_pkcs11_uri, resolve_pin
+
+    uri = parse_pkcs11_uri(arguments.key_uri)
+    pin = resolve_pin(uri, arguments.pin) or os.environ.get("P11GRID_PIN")
+    try:
+        with Pkcs11Signer(Path(arguments.module), uri, pin,
+                          _environment(arguments.env)) as signer:
+            signer.store_certificate(certificate)
+            where = signer.token_label
+    except SignerError as exc:
+        print(f"note: the certificate was not stored in the token ({exc}); give it by file "
+              "where it is needed (--hv-cert, --vm-cert)", file=sys.stderr)
+        return
+    print(f"stored the certificate next to the key in token {where!r}", file=sys.stderr)
+
+
 def issue(arguments: argparse.Namespace) -> int:
     authority = Authority.open(_ca_dir(arguments))
     identity = Identity(authority.trust_domain, arguments.kind, arguments.name)
@@ -80,6 +101,7 @@ def issue(arguments: argparse.Namespace) -> int:
     if arguments.key_uri:
         request = _request_from_element(arguments, identity)
         certificate = authority.issue_for_request(identity, request, validity, dns, ips)
+        _store_next_to_key(arguments, certificate)
     elif arguments.csr:
         try:
             request = x509.load_pem_x509_csr(Path(arguments.csr).read_bytes())

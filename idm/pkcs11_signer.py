@@ -587,6 +587,46 @@ class Pkcs11Signer:
                 return None
             return x509.load_der_x509_certificate(bytes(found[0][Attribute.VALUE]))
 
+    def store_certificate(self, certificate: x509.Certificate) -> None:
+        """Keep `certificate` in the token next to the key (its CKA_ID and label), in
+        place of the certificates stored there before, so that `certificate()` and
+        `p11grid token issue` find the current one after a renewal. The new object is made
+        before the old ones go: a failure leaves the token as it was."""
+        from cryptography.hazmat.primitives import serialization
+        from pkcs11 import Attribute, CertificateType, ObjectClass
+        from pkcs11 import exceptions as errors
+
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        if certificate.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+                self._public.public_bytes(serialization.Encoding.DER, spki):
+            raise SignerError(f"token {self.token_label!r}: the certificate is for another "
+                              "key; not stored")
+        serial = certificate.serial_number
+        with self._lock:
+            if self._session is None:
+                raise SignerError("the signer is closed")
+            key_id = bytes(self._private_key[Attribute.ID] or b"")
+            label = self._private_key[Attribute.LABEL]
+            try:
+                with self._session.token.open(rw=True) as session:
+                    old = _objects(session, ObjectClass.CERTIFICATE, None, key_id) if key_id \
+                        else _objects(session, ObjectClass.CERTIFICATE, label, None)
+                    session.create_object({
+                        Attribute.CLASS: ObjectClass.CERTIFICATE,
+                        Attribute.CERTIFICATE_TYPE: CertificateType.X_509,
+                        Attribute.TOKEN: True, Attribute.PRIVATE: False,
+                        Attribute.ID: key_id, Attribute.LABEL: label,
+                        Attribute.SUBJECT: certificate.subject.public_bytes(),
+                        Attribute.ISSUER: certificate.issuer.public_bytes(),
+                        Attribute.SERIAL_NUMBER: der.tlv(0x02, serial.to_bytes(
+                            serial.bit_length() // 8 + 1, "big")),
+                        Attribute.VALUE: certificate.public_bytes(serialization.Encoding.DER)})
+                    for obj in old:
+                        obj.destroy()
+            except errors.PKCS11Error as exc:
+                raise SignerError(f"token {self.token_label!r}: cannot store the certificate: "
+                                  f"{_describe(exc)}") from None
+
     def decrypt(self, header_algorithm: str, wrapped_key: bytes) -> bytes:
         """A result container's key, unwrapped by the RSA key in the token (idm.container's
         Unwrapper): RSA-OAEP with SHA-256 or SHA-1."""

@@ -120,20 +120,8 @@ def create_hypervisor(layout: IdentityLayout, ca_dir: Path, softhsm_library: Pat
              "--module", str(softhsm_library), "--env",
              f"SOFTHSM2_CONF={layout.hv_softhsm_conf}", "--key-uri", layout.hv_key_uri,
              "--generate", "ec256", "--out", str(layout.hv_certificate))
-    # Next to the key (the id `p11grid ca issue --generate` gave it): `token issue vm` then
+    # `ca issue` also stored the certificate next to the key: `token issue vm` then
     # needs no certificate file.
-    import hashlib
-
-    from cryptography import x509
-
-    der = layout.directory / "hv.der"
-    der.write_bytes(x509.load_pem_x509_certificate(layout.hv_certificate.read_bytes())
-                    .public_bytes(serialization.Encoding.DER))
-    subprocess.run(["pkcs11-tool", "--module", str(softhsm_library), "--token-label", HV_TOKEN,
-                    "--login", "--pin", pin, "--write-object", str(der), "--type", "cert",
-                    "--label", HV_KEY_LABEL, "--id",
-                    hashlib.sha1(HV_KEY_LABEL.encode()).digest()[:8].hex()],
-                   env=environment, check=True, capture_output=True, timeout=60)
 
 
 def issue_vm_token(layout: IdentityLayout, softhsm_library: Path, vm_certificate: Path) -> None:

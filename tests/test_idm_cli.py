@@ -104,6 +104,38 @@ def test_wrong_pin_is_refused_without_echo(world: dict[str, Path]) -> None:
     assert "PIN" in failed.stderr and "99990000" not in failed.stderr + failed.stdout
 
 
+def _x5c_serial(token: Path) -> int:
+    import base64
+    import json
+
+    header = token.read_text().split(".")[0]
+    chain = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))["x5c"]
+    return x509.load_der_x509_certificate(base64.b64decode(chain[0])).serial_number
+
+
+def test_a_renewed_certificate_replaces_the_one_in_the_token(world: dict[str, Path]) -> None:
+    """`ca issue --key-uri` stores the certificate next to the key, replacing the one
+    before: `token issue` without --hv-cert then signs with the current certificate."""
+    first = x509.load_pem_x509_certificate((world["root"] / "hv.pem").read_bytes())
+    renewed = _run("ca", "issue", "--ca-dir", str(world["ca"]), "--kind", "hv", "--name",
+                   "hv-1", "--module", SOFTHSM, "--env", f"SOFTHSM2_CONF={world['conf']}",
+                   "--key-uri", HV_KEY, "--pin", PIN, "--out", str(world["root"] / "hv2.pem"))
+    assert "stored the certificate next to the key in token 'hv-se'" in renewed.stderr
+    second = x509.load_pem_x509_certificate((world["root"] / "hv2.pem").read_bytes())
+    assert second.serial_number != first.serial_number
+    out = world["root"] / "vm-renewed.jwt"
+    _run("token", "issue", "vm", "--hv-key", HV_KEY, "--module", SOFTHSM,
+         "--env", f"SOFTHSM2_CONF={world['conf']}", "--pin", PIN,
+         "--vm-cert", str(world["root"] / "vm.pem"), "--audience", SP, "--out", str(out))
+    assert _x5c_serial(out) == second.serial_number
+    # One certificate next to the key, not two (two would make the key's lookup ambiguous).
+    listed = subprocess.run(["pkcs11-tool", "--module", SOFTHSM, "--token-label", "hv-se",
+                             "--list-objects", "--type", "cert"],
+                            env={**os.environ, "SOFTHSM2_CONF": str(world["conf"])},
+                            capture_output=True, text=True, timeout=60)
+    assert listed.stdout.count("Certificate Object") == 1, listed.stdout
+
+
 def test_revoked_hv_makes_its_tokens_fail(world: dict[str, Path], tmp_path: Path) -> None:
     token = _issue_vm_token(world, "vm-before-revocation.jwt")
     _run("ca", "issue", "--ca-dir", str(world["ca"]), "--kind", "hv", "--name", "hv-spare",
