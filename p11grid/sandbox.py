@@ -515,7 +515,7 @@ def _build(sandbox: Sandbox, say: Say) -> None:
         f"namespace of their own; pcscd's socket is {piv.socket}")
 
     grid = sandbox.grid
-    sandbox_grid.issue_identities(grid, authority)
+    sandbox_grid.issue_identities(grid, iam)
     say(f"sandbox: issued TLS identities for the grid service, its RACS server, the VM "
         f"({sandbox_grid.VM_IDENTITY}) and the RACS client '{sandbox_grid.RACS_ADMIN}' in "
         f"{grid.directory}")

@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from grid_backend.registry import ElementRecord, KeyRecord, SqliteRegistry
+from idm.authority import Authority, write_file
+from idm.identity import Identity
 from p11grid import ca
 
 TRUST_DOMAIN = "p11grid.sandbox"
@@ -71,17 +76,30 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def issue_identities(layout: GridLayout, authority: ca.SandboxCA) -> None:
-    """From the sandbox CA: the grid's and its RACS server's server identities, the VM's
+def _tls_identity(iam: Authority, kind: str, name: str, key_path: Path, cert_path: Path,
+                  server: bool = False) -> None:
+    """A TLS identity with a file key, issued by the IAM CA itself (so `p11grid ca revoke`
+    reaches it, and the grid refuses it at the next authorize once revoked)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    write_file(key_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), mode=0o600)
+    certificate = iam.issue(Identity(iam.trust_domain, kind, name), key.public_key(),
+                            dns_names=[ca.SERVER_NAME] if server else (),
+                            ip_addresses=[str(ca.SERVER_IP)] if server else ())
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_identities(layout: GridLayout, iam: Authority) -> None:
+    """From the IAM CA: the grid's and its RACS server's server identities, the VM's
     client identity, and the RACS administrator's client identity (CN racs-admin)."""
     layout.directory.mkdir(mode=0o700, exist_ok=True)
-    ca.issue_identity(authority, layout.path("grid.key"), layout.path("grid.pem"), "grid",
-                      uri=f"spiffe://{TRUST_DOMAIN}/grid/grid", server=True)
-    ca.issue_identity(authority, layout.path("racs.key"), layout.path("racs.pem"), "racs",
-                      uri=f"spiffe://{TRUST_DOMAIN}/grid/racs", server=True)
-    ca.issue_identity(authority, layout.path("vm.key"), layout.path("vm.pem"), VM_NAME,
-                      uri=VM_IDENTITY)
-    ca.issue_identity(authority, layout.racs_client_key, layout.racs_client_cert, RACS_ADMIN)
+    _tls_identity(iam, "grid", "grid", layout.path("grid.key"), layout.path("grid.pem"),
+                  server=True)
+    _tls_identity(iam, "grid", "racs", layout.path("racs.key"), layout.path("racs.pem"),
+                  server=True)
+    _tls_identity(iam, "vm", VM_NAME, layout.path("vm.key"), layout.path("vm.pem"))
+    _tls_identity(iam, "user", RACS_ADMIN, layout.racs_client_key, layout.racs_client_cert)
 
 
 def write_registry(layout: GridLayout, seid: str, library: Path, token_label: str,

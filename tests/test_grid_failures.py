@@ -183,3 +183,23 @@ def test_failover_to_the_next_endpoint(world: dict[str, str], tmp_path: Path) ->
         application.close()
         second.stop()
         first.start()
+
+
+def test_a_vm_certificate_revoked_in_the_crl_is_refused(world: dict[str, str]) -> None:
+    """Last in this module (the revocation stays): `p11grid ca revoke` on the VM's TLS
+    certificate, and the grid refuses the next authorization, naming the revocation."""
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificate(
+        (Path(world["P11GRID_SANDBOX"]) / "grid" / "vm.pem").read_bytes())
+    revoked = subprocess.run(
+        [str(VENV_BIN / "p11grid"), "ca", "revoke", "--ca-dir", world["P11GRID_CA_DIR"],
+         "--serial", f"{certificate.serial_number:x}", "--reason", "keyCompromise"],
+        capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    refused = subprocess.run([sys.executable, str(HOST)], input="exit\n",
+                             env={**os.environ, **world}, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0, "a revoked VM certificate still logged in"
+    grid_log = (Path(world["P11GRID_SANDBOX"]) / "grid" / "grid.log").read_text()
+    assert f"serial {certificate.serial_number:x}" in grid_log and "was revoked" in grid_log
