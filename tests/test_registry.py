@@ -135,6 +135,32 @@ def test_elements_keys_bindings_administrators(registry: Registry) -> None:
     assert registry.administrators("se-1") == ["operator-1"]
 
 
+def test_removing_administrators_and_placements(location: str) -> None:
+    one, two = open_registry(location, "n1"), open_registry(location, "n2")
+    try:
+        one.add_element(ElementRecord("shared", "S", "pkcs11", {"token_label": "a"}, "n1"))
+        two.add_element(ElementRecord("shared", "S", "pkcs11", {"token_label": "b"}, "n2"))
+        one.bind(VM1, "shared")
+        one.add_key(KeyRecord("shared", "k", "31", "ec256"))
+        one.add_administrator("operator-1", "shared")
+        assert one.remove_administrator("operator-1", "shared") is True
+        assert one.remove_administrator("operator-1", "shared") is False
+        assert one.administrators("shared") == []
+        one.add_administrator("operator-1", "shared")
+        # One placement gone: the element, its binding and keys stay for the other node.
+        assert one.remove_element("shared") is True
+        assert one.remove_element("shared") is False
+        assert [(e.seid, e.node) for e in one.placements()] == [("shared", "n2")]
+        assert one.allowed([VM1]) == {"shared"} and one.keys("shared")
+        # The last placement: the element's records go with it.
+        assert two.remove_element("shared") is True
+        assert two.placements() == [] and two.bindings() == [] and two.keys() == []
+        assert two.administrators("shared") == []
+    finally:
+        one.close()
+        two.close()
+
+
 def test_nodes_scope_elements_not_bindings(location: str) -> None:
     one, two = open_registry(location, "n1"), open_registry(location, "n2")
     try:
@@ -694,3 +720,20 @@ def test_grid_cli_nodes_revocations_audit(postgres_url: str, identities: Identit
     assert main(["grid", "audit", *registry, "--limit", "5"]) == 0
     assert f"node=n2\t{VM1}\tsign\tseid=se-1\tkey=k-ec\tmechanism=0x1041\tok\t0.125 ms" in \
         capsys.readouterr().out
+
+
+def test_remove_se_and_admin_remove_at_the_command_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = ["--registry", str(tmp_path / "r.sqlite")]
+    assert main(["grid", "add-se", *registry, "--seid", "se-9", "--driver", "pkcs11",
+                 "--library", "/x.so", "--token-label", "t"]) == 0
+    assert main(["grid", "admin", *registry, "--identity", "op", "--seid", "se-9"]) == 0
+    assert main(["grid", "admin", *registry, "--identity", "op", "--seid", "se-9",
+                 "--remove"]) == 0
+    assert main(["grid", "admin", *registry, "--identity", "op", "--seid", "se-9",
+                 "--remove"]) == 1
+    assert "op does not administer se-9" in capsys.readouterr().err
+    assert main(["grid", "remove-se", *registry, "--seid", "se-9"]) == 0
+    assert "the keys themselves stay inside the element" in capsys.readouterr().out
+    assert main(["grid", "remove-se", *registry, "--seid", "se-9"]) == 1
+    assert "no secure element 'se-9'" in capsys.readouterr().err

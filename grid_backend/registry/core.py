@@ -95,7 +95,9 @@ class Registry(Protocol):
     def remove_keys(self, seid: str, key_id: str) -> None: ...
     def keys(self, seid: str | None = None) -> list[KeyRecord]: ...
     def add_administrator(self, identity: str, seid: str) -> None: ...
+    def remove_administrator(self, identity: str, seid: str) -> bool: ...
     def administrators(self, seid: str) -> list[str]: ...
+    def remove_element(self, seid: str) -> bool: ...
     def revoke(self, serial: int, identity: str, reason: str) -> bool: ...
     def revoked(self, serial: int) -> bool: ...
     def revocations(self) -> list[RevocationRecord]: ...
@@ -297,9 +299,28 @@ class SqlRegistry:
 
         self._db.transaction(work)
 
+    def remove_administrator(self, identity: str, seid: str) -> bool:
+        return bool(self._db.transaction(lambda tx: tx.count(
+            "DELETE FROM administrator WHERE identity = ? AND seid = ?", (identity, seid))))
+
     def administrators(self, seid: str) -> list[str]:
         return [i for (i,) in self._read("SELECT identity FROM administrator WHERE seid = ? "
                                          "ORDER BY identity", (seid,))]
+
+    def remove_element(self, seid: str) -> bool:
+        """Forget this node's placement of `seid`; with its last placement, the element's
+        bindings, key records and administrators go too. The keys themselves stay inside
+        the element. False if this node had no such placement."""
+        def work(tx: Transaction) -> bool:
+            if not tx.count("DELETE FROM secure_element WHERE seid = ? AND node = ?",
+                            (seid, self.node)):
+                return False
+            if not tx.run("SELECT 1 FROM secure_element WHERE seid = ?", (seid,)):
+                for table in ("binding", "element_key", "administrator"):
+                    tx.run(f"DELETE FROM {table} WHERE seid = ?", (seid,))
+            return True
+
+        return bool(self._db.transaction(work))
 
     # Revocations --------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""`p11grid grid serve|add-se|keygen|bind|admin|list|identities|revoke|revocations|audit`:
-run and administer the grid."""
+"""`p11grid grid serve|add-se|remove-se|keygen|bind|admin|list|identities|revoke|
+revocations|audit`: run and administer the grid."""
 
 from __future__ import annotations
 
@@ -288,9 +288,30 @@ def bind(arguments: argparse.Namespace) -> int:
 
 def admin(arguments: argparse.Namespace) -> int:
     registry = _registry(arguments)
+    if arguments.remove:
+        if not registry.remove_administrator(arguments.identity, arguments.seid):
+            raise RegistryError(f"{arguments.identity} does not administer {arguments.seid}")
+        print(f"{arguments.identity} no longer administers {arguments.seid}")
+        return 0
     registry.add_administrator(arguments.identity, arguments.seid)
     print(f"{arguments.identity} administers {arguments.seid} (RACS: every APDU the "
           "element's filters allow)")
+    return 0
+
+
+def remove_se(arguments: argparse.Namespace) -> int:
+    registry = _registry(arguments)
+    if not registry.remove_element(arguments.seid):
+        raise RegistryError(f"no secure element {arguments.seid!r} on node "
+                            f"{_node(registry.node)}")
+    left = [p.node for p in registry.placements() if p.seid == arguments.seid]
+    if left:
+        print(f"removed {arguments.seid} from node {_node(registry.node)}; still placed on "
+              f"{', '.join(_node(node) for node in left)}")
+    else:
+        print(f"removed {arguments.seid} with its bindings, key records and administrators; "
+              "the keys themselves stay inside the element (destroy them there if they must "
+              "go). A running grid node stops serving it once restarted.")
     return 0
 
 
@@ -412,6 +433,12 @@ def register(commands: Any) -> None:
     add.add_argument("--settings", help="piv: the driver's settings as JSON")
     add.set_defaults(func=_guarded(add_se))
 
+    remove = with_registry(actions.add_parser(
+        "remove-se", help="forget this node's placement of an element (with its last "
+                          "placement: its bindings, key records and administrators)"))
+    remove.add_argument("--seid", required=True)
+    remove.set_defaults(func=_guarded(remove_se))
+
     generate = with_registry(actions.add_parser(
         "keygen", help="generate a key pair inside an element (never imported)"))
     generate.add_argument("--seid", required=True)
@@ -441,6 +468,8 @@ def register(commands: Any) -> None:
         "admin", help="let an identity (a certificate CN for RACS) administer an element"))
     administrator.add_argument("--identity", required=True)
     administrator.add_argument("--seid", required=True)
+    administrator.add_argument("--remove", action="store_true",
+                               help="remove the administrator instead")
     administrator.set_defaults(func=_guarded(admin))
 
     listing = with_registry(actions.add_parser(
