@@ -16,6 +16,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class _LenientLib(pkcs11._pkcs11.lib):  # type: ignore[misc]
 
 CKF_OS_LOCKING_OK = 0x2
 CKR_OK = 0x0
+CKA_CLASS = 0x0
+CKA_TOKEN = 0x1
 CKR_BUFFER_TOO_SMALL = 0x150
 CKZ_DATA_SPECIFIED = 0x1
 
@@ -126,6 +129,11 @@ class _PssParams(ctypes.Structure):
 class _OaepParams(ctypes.Structure):
     _fields_ = (("hashAlg", ctypes.c_ulong), ("mgf", ctypes.c_ulong), ("source", ctypes.c_ulong),
                 ("pSourceData", ctypes.c_void_p), ("ulSourceDataLen", ctypes.c_ulong))
+
+
+class _Attribute(ctypes.Structure):  # CK_ATTRIBUTE
+    _fields_ = (("type", ctypes.c_ulong), ("value", ctypes.c_void_p),
+                ("length", ctypes.c_ulong))
 
 
 # CK_C_SignInit / CK_C_DecryptInit and CK_C_Sign / CK_C_Decrypt share their shapes.
@@ -151,6 +159,12 @@ _USED: dict[str, type] = {
     "C_Initialize": ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p),
     "C_DecryptInit": _OperationInit, "C_Decrypt": _SinglePart,
     "C_SignInit": _OperationInit, "C_Sign": _SinglePart,
+    "C_CopyObject": ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                                     ctypes.POINTER(_Attribute), ctypes.c_ulong,
+                                     ctypes.POINTER(ctypes.c_ulong)),
+    "C_DestroyObject": ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong),
+    "C_GetAttributeValue": ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                                            ctypes.POINTER(_Attribute), ctypes.c_ulong),
 }
 
 
@@ -232,6 +246,26 @@ class _SinglePartCalls:
     def __init__(self, functions: _FunctionList) -> None:
         self._sign = (functions.C_SignInit, functions.C_Sign)
         self._decrypt = (functions.C_DecryptInit, functions.C_Decrypt)
+        self._copy = functions.C_CopyObject
+        self._destroy = functions.C_DestroyObject
+        self._attribute = functions.C_GetAttributeValue
+
+    def session_copy(self, session: int, key: int) -> int | None:
+        """A session-object copy (CKA_TOKEN false) of token object `key`, made in `session`
+        and gone with it; None if the library or the key's CKA_COPYABLE refuses."""
+        false = ctypes.c_ubyte(0)
+        template = _Attribute(CKA_TOKEN, ctypes.addressof(false), 1)
+        copy = ctypes.c_ulong()
+        rv = self._copy(session, key, ctypes.byref(template), 1, ctypes.byref(copy))
+        return int(copy.value) if rv == CKR_OK else None
+
+    def exists(self, session: int, key: int) -> bool:
+        value = ctypes.c_ulong()
+        attribute = _Attribute(CKA_CLASS, ctypes.addressof(value), ctypes.sizeof(value))
+        return bool(self._attribute(session, key, ctypes.byref(attribute), 1) == CKR_OK)
+
+    def destroy(self, session: int, obj: int) -> None:
+        self._destroy(session, obj)  # best effort: it goes with its session anyway
 
     def sign(self, session: int, key: int, mechanism: int, parameters: MechanismParameters,
              data: bytes) -> bytes:
@@ -334,6 +368,8 @@ def _element_error(exc: Exception) -> ElementError:
     return ElementFailure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+COPY_CHECK_SECONDS = 1.0  # how stale a key's session copy may be (see Pkcs11Token._copies)
+
 # Attributes of public and secret keys only: never in a private key's template.
 _PUBLIC_ONLY = (Attribute.ENCRYPT, Attribute.VERIFY, Attribute.WRAP)
 
@@ -358,6 +394,13 @@ class Pkcs11Token:
         self._mechanisms: frozenset[int] = frozenset()
         self._idle: list[_Worker] = []
         self._generation = 0  # bumped at login/logout/close: older workers are dropped
+        # Token key handle -> (the handle to sign with, when the token key was last seen).
+        # SoftHSM2's file store re-reads a token object's file generation under a file
+        # lock at every C_SignInit (open, fcntl, read, close): a session-object copy of
+        # the key, made in the login session and gone with it, signs without that
+        # (ECDSA P-256 at 2 threads through the grid: ~8,500 -> ~9,600 signatures/s).
+        self._copies: dict[int, tuple[int, float]] = {}
+        self._copying = threading.Lock()
 
     @contextmanager
     def _calling(self) -> Iterator[None]:
@@ -397,6 +440,7 @@ class Pkcs11Token:
 
     def _drop_workers(self) -> None:
         self._generation += 1
+        self._copies = {}  # they die with the session that made them, closed next
         idle, self._idle = self._idle, []
         for worker in idle:
             try:
@@ -456,7 +500,9 @@ class Pkcs11Token:
     def _objects(self, private: bool) -> list[ElementObject]:
         assert self._session is not None
         wanted = b"\x01" if private else b"\x00"
-        return [o for o in (self._read(obj) for obj in self._session.get_objects())
+        # Token objects only: the session objects are this driver's own key copies.
+        return [o for o in (self._read(obj) for obj in
+                            self._session.get_objects({Attribute.TOKEN: True}))
                 if o.attributes.get(Attribute.PRIVATE, b"\x00") == wanted]
 
     def public_objects(self) -> list[ElementObject]:
@@ -519,6 +565,39 @@ class Pkcs11Token:
         assert isinstance(key.ref, int)
         return key.ref
 
+    def _signing_handle(self, key: ElementObject, calls: _SinglePartCalls) -> int:
+        """The handle to sign or decrypt with: the key's session copy while the key is
+        still in the token (looked at again at most every COPY_CHECK_SECONDS, so a key
+        destroyed in the token stops being used within that), else the key itself."""
+        handle = self._handle(key)
+        entry = self._copies.get(handle)
+        now = time.monotonic()
+        if entry is not None and now - entry[1] < COPY_CHECK_SECONDS:
+            return entry[0]
+        session = self._session
+        if not self._logged_in or session is None:
+            return handle
+        with self._copying:
+            copies = self._copies
+            entry = copies.get(handle)
+            if entry is not None and now - entry[1] < COPY_CHECK_SECONDS:
+                return entry[0]
+            if entry is not None and entry[0] != handle:
+                if calls.exists(session.handle, handle):
+                    copies[handle] = (entry[0], now)
+                    return entry[0]
+                calls.destroy(session.handle, entry[0])
+                del copies[handle]
+                return handle  # gone from the token: the operation fails as it should
+            copy = calls.session_copy(session.handle, handle)
+            if copy is None:
+                log.info("token %r: key %d cannot be copied into a session object; signing "
+                         "with the token object", self.token_label, handle)
+                copies[handle] = (handle, float("inf"))
+                return handle
+            copies[handle] = (copy, now)
+            return copy
+
     def _single_part(self, decrypt: bool, key: ElementObject, mechanism: int,
                      parameters: MechanismParameters, data: bytes) -> bytes:
         # The hot path of every signature: _calling() and _worker() written out inline,
@@ -537,7 +616,8 @@ class Pkcs11Token:
             try:
                 calls = loaded.calls
                 run = calls.decrypt if decrypt else calls.sign
-                return run(worker.session.handle, self._handle(key), mechanism, parameters, data)
+                return run(worker.session.handle, self._signing_handle(key, calls), mechanism,
+                           parameters, data)
             finally:
                 self._return_worker(worker)
         except (p11x.PKCS11Error, RuntimeError) as exc:
