@@ -25,6 +25,8 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -110,6 +112,23 @@ _libraries_lock = threading.RLock()
 _pid = os.getpid()
 
 
+@contextmanager
+def _environment_set(wanted: dict[str, str]) -> Iterator[None]:
+    """`wanted` in os.environ while a library (re)initializes, which is when it reads it
+    (SoftHSM2_CONF); the previous values come back afterwards: the host process must not
+    inherit the hypervisor token's settings."""
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _start_over_after_fork() -> None:
     """In a forked child the parent's logins and sessions are not ours, and PKCS#11 wants
     C_Initialize again (SoftHSM2 allows it with `library.reset_on_fork = true`)."""
@@ -119,23 +138,15 @@ def _start_over_after_fork() -> None:
     _pid = os.getpid()
     _logins.clear()
     for key, library in _libraries.items():
-        wanted = _environments.get(key, {})
-        saved = {name: os.environ.get(name) for name in wanted}
-        os.environ.update(wanted)  # C_Initialize reads it again (SOFTHSM2_CONF)
-        try:
+        with _environment_set(_environments.get(key, {})):  # C_Initialize reads it again
             try:
-                library.finalize()  # the parent's state; a child may be refused: fine
-            except Exception:
-                pass
-            library.initialize()
-        except Exception as exc:  # the next use reports what the library says
-            log.info("re-initializing %s after fork: %s", key, exc)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+                try:
+                    library.finalize()  # the parent's state; a child may be refused: fine
+                except Exception:
+                    pass
+                library.initialize()
+            except Exception as exc:  # the next use reports what the library says
+                log.info("re-initializing %s after fork: %s", key, exc)
 
 
 def _library(module: Path, environment: dict[str, str] | None) -> Any:
@@ -157,23 +168,16 @@ def _library(module: Path, environment: dict[str, str] | None) -> Any:
                         f"{module} is already loaded in this process with {name}="
                         f"{had!r}; it cannot be reloaded with {value!r}")
             return loaded
-        saved = {name: os.environ.get(name) for name in wanted}
-        os.environ.update(wanted)
-        try:
-            import pkcs11
+        with _environment_set(wanted):
+            try:
+                import pkcs11
 
-            library = pkcs11.lib(key)
-        except Exception as exc:  # OSError-like load failures and C_Initialize errors
-            hint = " (SoftHSM2 reads its configuration from SOFTHSM2_CONF: pass it in " \
-                "environment)" if "softhsm" in key.lower() and not environment else ""
-            raise ModuleLoadError(f"cannot load the PKCS#11 library {module}: {exc}{hint}") \
-                from None
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+                library = pkcs11.lib(key)
+            except Exception as exc:  # OSError-like load failures and C_Initialize errors
+                hint = " (SoftHSM2 reads its configuration from SOFTHSM2_CONF: pass it in " \
+                    "environment)" if "softhsm" in key.lower() and not environment else ""
+                raise ModuleLoadError(f"cannot load the PKCS#11 library {module}: {exc}"
+                                      f"{hint}") from None
         _environments[key] = wanted
         _libraries[key] = library
         return library
@@ -320,21 +324,13 @@ def _initialize_again(module: Path, library: Any, delay: float) -> bool:
         if any(login_key[0] == key for login_key in _logins):
             return False
         time.sleep(delay)
-        wanted = _environments.get(key, {})
-        saved = {name: os.environ.get(name) for name in wanted}
-        os.environ.update(wanted)
-        try:
-            library.finalize()
-            library.initialize()
-        except Exception as exc:  # whatever the library says, reported once
-            log.info("initializing %s again to look for its token: %s", module, exc)
-            return False
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        with _environment_set(_environments.get(key, {})):
+            try:
+                library.finalize()
+                library.initialize()
+            except Exception as exc:  # whatever the library says, reported once
+                log.info("initializing %s again to look for its token: %s", module, exc)
+                return False
     log.info("%s: token not found; looked again after initializing the library anew", module)
     return True
 
