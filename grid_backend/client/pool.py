@@ -312,6 +312,13 @@ class GridPool:
                 connection.close()  # closed by the grid while idle: never used, nothing lost
         return self._connect(deadline)
 
+    def _drop_idle(self, endpoint: tuple[str, int]) -> None:
+        with self._lock:
+            dropped = [c for c in self._idle if c.endpoint == endpoint]
+            self._idle = [c for c in self._idle if c.endpoint != endpoint]
+        for connection in dropped:
+            connection.close()
+
     def _give(self, connection: _Connection) -> None:
         with self._lock:
             if self._pid == os.getpid() and len(self._idle) < self.settings.idle_connections:
@@ -340,6 +347,10 @@ class GridPool:
                                        "within the deadline") from exc
             except (OSError, ProtocolViolation) as exc:
                 connection.close()
+                # The others idle to that endpoint are suspect (a node that died takes all
+                # its connections with it): the next requests connect anew, which fails
+                # over before anything is sent, instead of losing one request each.
+                self._drop_idle(connection.endpoint)
                 reason = str(getattr(exc, "reason", "") or "")
                 # A TLS 1.3 server refuses a client certificate after the client has
                 # finished its handshake: the alert (or, if it is lost, a bare close) comes
