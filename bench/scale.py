@@ -35,7 +35,6 @@ import re
 import secrets
 import selectors
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -602,18 +601,9 @@ def start_node(box: Mapping[str, str], node: NodeConfig) -> RunningNode:
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the process group we started, SIGKILL after the deadline."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_DEADLINE_S)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # anything left in the group
+    from p11grid import sandbox
+
+    sandbox.stop_process_group(process, STOP_DEADLINE_S)
 
 
 def stop_node(box: Mapping[str, str], node: RunningNode) -> None:

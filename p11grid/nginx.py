@@ -8,10 +8,8 @@ fork handling exists for (DESIGN.md section 6, lesson 1).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -242,18 +240,7 @@ def start(
 def stop(server: NginxServer, deadline: float = STOP_DEADLINE_SECONDS) -> int:
     """Stop nginx (SIGTERM to its process group, SIGKILL after the deadline)."""
     process = server.process
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=deadline)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=deadline)
-    # Workers left by a killed master would keep the ports and the token open.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    sandbox.stop_process_group(process, deadline)
     if server.directory.exists():
         sandbox.forget_process(server.directory, PROCESS_NAME)
     return process.returncode

@@ -277,6 +277,23 @@ def _group_has_live_members(group: int) -> bool:
     return False
 
 
+def stop_process_group(process: subprocess.Popen[bytes], deadline: float) -> None:
+    """Stop a process we started as a group leader: SIGTERM to its group, SIGKILL after
+    `deadline` seconds, then SIGKILL to whatever is left in the group (workers of a killed
+    master would keep their ports and the token open)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=deadline)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _signal(entry: dict[str, Any], signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if entry.get("process_group"):

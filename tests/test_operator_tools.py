@@ -26,6 +26,15 @@ def _config(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess
                           text=True, timeout=60)
 
 
+def _verify_with_vm_ec(sandbox: dict[str, str], signature: bytes, digest: bytes) -> None:
+    """The signature verifies with the public key of the sandbox's vm-ec certificate."""
+    certificate = x509.load_pem_x509_certificate(
+        (Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem").read_bytes())
+    public_key = certificate.public_key()
+    assert isinstance(public_key, ec.EllipticCurvePublicKey)
+    public_key.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+
+
 def test_openssl_snippet_signs_through_the_engine(sandbox: dict[str, str],
                                                   sandbox_environ: dict[str, str],
                                                   tmp_path: Path) -> None:
@@ -41,11 +50,7 @@ def test_openssl_snippet_signs_through_the_engine(sandbox: dict[str, str],
         env={**sandbox_environ, "OPENSSL_CONF": str(tmp_path / "openssl.cnf")},
         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert signed.returncode == 0, signed.stderr
-    certificate = x509.load_pem_x509_certificate(
-        (Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem").read_bytes())
-    public_key = certificate.public_key()
-    assert isinstance(public_key, ec.EllipticCurvePublicKey)
-    public_key.verify(signed.stdout, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    _verify_with_vm_ec(sandbox, signed.stdout, digest)
 
 
 def test_openssl_provider_snippet_signs_through_pkcs11_provider(
@@ -83,11 +88,7 @@ def test_openssl_provider_snippet_signs_through_pkcs11_provider(
         env={**sandbox_environ, "OPENSSL_CONF": str(tmp_path / "openssl.cnf")},
         capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     assert signed.returncode == 0, signed.stderr
-    certificate = x509.load_pem_x509_certificate(
-        (Path(sandbox["P11GRID_SANDBOX"]) / "vm-ec.pem").read_bytes())
-    public_key = certificate.public_key()
-    assert isinstance(public_key, ec.EllipticCurvePublicKey)
-    public_key.verify(signed.stdout, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
+    _verify_with_vm_ec(sandbox, signed.stdout, digest)
 
 
 def test_provider_key_snippet_and_its_refusals(tmp_path: Path) -> None:
