@@ -78,6 +78,7 @@ typedef struct {
 
 int p11grid_native_owns_interpreter(void);
 void p11grid_native_set_initialized(int initialized);
+int p11grid_native_await_readable(int fd, long spin_us);
 """
 
 # Every function Python serves: (name, C parameter list). Must match native/entry_points.h.
@@ -207,7 +208,8 @@ def main() -> int:
         MODULE_NAME,
         "#include <p11-kit/pkcs11.h>\n"
         "int p11grid_native_owns_interpreter(void);\n"
-        "void p11grid_native_set_initialized(int initialized);\n",
+        "void p11grid_native_set_initialized(int initialized);\n"
+        "int p11grid_native_await_readable(int fd, long spin_us);\n",
         include_dirs=[str(P11KIT_INCLUDE), str(NATIVE)],
         extra_objects=[str(obj)],
         extra_link_args=[f"-Wl,--version-script={NATIVE / 'exports.map'}", "-ldl",

@@ -9,16 +9,22 @@
  *  - refuses every call with CKR_GENERAL_ERROR when Python could not start
  *    (cffi would otherwise return 0, which is CKR_OK),
  *  - keeps the interpreter consistent across fork() and makes a child answer
- *    CKR_CRYPTOKI_NOT_INITIALIZED until it calls C_Initialize itself.
+ *    CKR_CRYPTOKI_NOT_INITIALIZED until it calls C_Initialize itself,
+ *  - waits for a socket to become readable without sleeping and without the GIL, for
+ *    the grid client's short wait for a reply (p11grid_native_await_readable).
  */
 #define _GNU_SOURCE
 #include <Python.h>
 #include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <p11-kit/pkcs11.h>
 
@@ -194,6 +200,36 @@ int p11grid_native_owns_interpreter(void)
 void p11grid_native_set_initialized(int initialized)
 {
     atomic_store(&module_initialized, initialized ? 1 : 0);
+}
+
+/*
+ * Polls `fd` until it is readable or `spin_us` microseconds have passed; 1: readable (or
+ * closed, or in error: the read that follows says which), 0: not within the time, -1: not
+ * an open descriptor, or poll failed. Called from Python through cffi, which
+ * releases the GIL around it, so several threads may wait at once. A reply that finds
+ * its reader asleep costs the sender a cross-CPU wake-up; a reader that yields instead of
+ * sleeping lets any other runnable thread on its CPU go first (bench/analysis.md).
+ */
+int p11grid_native_await_readable(int fd, long spin_us)
+{
+    struct pollfd watched = { .fd = fd, .events = POLLIN };
+    struct timespec start, now;
+    if (fd < 0 || spin_us <= 0)
+        return 0;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        int ready = poll(&watched, 1, 0);
+        if (ready > 0)
+            return (watched.revents & POLLNVAL) ? -1 : 1;
+        if (ready < 0 && errno != EINTR)
+            return -1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long waited_us = (long)(now.tv_sec - start.tv_sec) * 1000000L
+                         + (now.tv_nsec - start.tv_nsec) / 1000L;
+        if (waited_us >= spin_us)
+            return 0;
+        sched_yield();
+    }
 }
 
 static CK_RV enter(void)

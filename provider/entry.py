@@ -46,7 +46,8 @@ def _check_host_imports() -> None:
 def install(ffi: Any, lib: Any) -> Module:
     """Register every p11grid_py_* callback on `ffi`; returns the module they serve."""
     NULL = ffi.NULL
-    module = Module(on_initialized=lambda on: lib.p11grid_native_set_initialized(int(on)))
+    module = Module(on_initialized=lambda on: lib.p11grid_native_set_initialized(int(on)),
+                    await_readable=lib.p11grid_native_await_readable)
 
     def served(name: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
         def register(body: Callable[..., int]) -> Callable[..., int]:

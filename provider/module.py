@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grid_backend.client import GridPool, GridSettings, RemoteElement
+from grid_backend.client import AwaitReadable, GridPool, GridSettings, RemoteElement
 from grid_backend.secure_element import ElementError, SecureElement
 from provider import config as config_module
 from provider import logs
@@ -130,14 +130,15 @@ def _authorizer(identity: IdentityConfig, certificate: str) -> Callable[[], dict
     return _identity_gate(identity, certificate)[0]
 
 
-def backend_for(config: ModuleConfig) -> Backend:
+def backend_for(config: ModuleConfig, await_readable: AwaitReadable | None = None) -> Backend:
     if config.backend != "grid":
         return Backend(local_element)
     assert config.grid is not None
     grid = config.grid
     pool = GridPool(GridSettings(endpoints=grid.endpoints, ca=Path(grid.ca),
                                  certificate=Path(grid.certificate), key=Path(grid.key),
-                                 timeout=grid.timeout, spin=grid.spin_us / 1e6))
+                                 timeout=grid.timeout, spin=grid.spin_us / 1e6),
+                    await_readable)
 
     authorizer, opener = _identity_gate(config.identity, grid.certificate) \
         if config.identity is not None else (None, None)
@@ -195,10 +196,12 @@ def _deliver(result: bytes, capacity: int | None) -> Output:
 
 
 class Module:
-    def __init__(self, on_initialized: Callable[[bool], None] = lambda _: None) -> None:
+    def __init__(self, on_initialized: Callable[[bool], None] = lambda _: None,
+                 await_readable: AwaitReadable | None = None) -> None:
         self._lock = threading.RLock()
         self._running: _Running | None = None
         self._on_initialized = on_initialized
+        self._await_readable = await_readable  # native/: the grid client's reply wait
 
     # --- general purpose --------------------------------------------------
 
@@ -214,7 +217,7 @@ class Module:
             config = config_module.load()
             logs.configure(config.log_file, config.log_level)
             object_numbers = itertools.count(1)
-            backend = backend_for(config)
+            backend = backend_for(config, self._await_readable)
             running = _Running(os.getpid(), config, backend,
                                lambda: next(object_numbers))
             if backend.discover is None:

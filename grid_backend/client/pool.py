@@ -67,8 +67,14 @@ class GridSettings:
     certificate: Path
     key: Path
     timeout: float = 5.0  # seconds: the deadline of one request, retries included
-    spin: float = 0.001  # seconds a lone request polls for its reply before sleeping
+    spin: float = 0.001  # seconds a request polls for its reply before sleeping
     idle_connections: int = 8
+
+
+# (socket fd, microseconds) -> 1: readable, 0: not within the time, -1: failed. The module
+# passes native/p11grid.c's p11grid_native_await_readable, which polls without the GIL and
+# yields its CPU between polls instead of sleeping.
+AwaitReadable = Callable[[int, int], int]
 
 
 class _Connection:
@@ -99,18 +105,20 @@ class _Connection:
             return False
         return False
 
-    def exchange(self, message: bytes, deadline: float, spin: float = 0.0,
-                 alone: Callable[[], bool] = lambda: True) -> list[Any]:
+    def exchange(self, message: bytes, deadline: float, spin_us: int = 0,
+                 await_readable: AwaitReadable | None = None) -> list[Any]:
         clear_thread_errors()
         self._timeout(deadline)
         self.tls.sendall(message)
+        if spin_us > 0 and await_readable is not None and not self.tls.pending():
+            # Without the GIL, so that the process's other threads run meanwhile; the
+            # read below takes whatever came, or sleeps for the rest as before.
+            await_readable(self.tls.fileno(), spin_us)
         # One read usually brings the whole reply (one TLS record); read more only if not.
         buffer = self._buffer
         view = memoryview(buffer)
-        filled = self._spin(view, spin, alone) if spin > 0 and alone() else 0
-        if not filled:
-            self._timeout(deadline)
-            filled = self.tls.recv_into(view)
+        self._timeout(deadline)
+        filled = self.tls.recv_into(view)
         while filled < 4 or filled < 4 + frame_length(view[:4]):
             if not filled:
                 raise ConnectionResetError("the grid closed the connection")
@@ -128,24 +136,6 @@ class _Connection:
             raise ProtocolViolation("bytes after the reply")
         return decode(bytes(view[4:end]))
 
-    def _spin(self, view: memoryview, seconds: float,
-              alone: Callable[[], bool] = lambda: True) -> int:
-        """Poll for the reply without sleeping, for at most `seconds`, while this is the
-        process's only request in flight. A reply that finds its reader asleep on an idle
-        core costs both processes a cross-core wake-up (~35 us each on a VM); with two
-        requests in flight, spinning would only fight the other thread for the GIL."""
-        import ssl
-
-        tls = self.tls
-        tls.settimeout(0.0)
-        until = time.monotonic() + seconds
-        while True:
-            try:
-                return tls.recv_into(view)
-            except ssl.SSLWantReadError:
-                if time.monotonic() > until or not alone():
-                    return 0
-
     def _timeout(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -162,11 +152,12 @@ class _Connection:
 class _Contention:
     """Whether this machine's CPUs have more runnable threads than CPUs, from the
     instantaneous runnable count in /proc/loadavg, read at most every 0.1 s. Polling for a
-    reply saves two cross-core wake-ups when cores are idle, but on a busy machine (nginx
-    workers, the grid and clients sharing cores) it burns CPU that others need: measured,
+    reply saves cross-core wake-ups when cores are idle, but on a busy machine (nginx
+    workers, the grid and clients sharing cores) it takes CPU that others need: measured,
     it cost nginx a fifth of its handshakes per second with an RSA key in the grid."""
 
     PERIOD = 0.1
+    LOADAVG = Path("/proc/loadavg")
 
     def __init__(self) -> None:
         self._checked = 0.0
@@ -176,21 +167,24 @@ class _Contention:
         except OSError:
             self._cpus = os.cpu_count() or 1
 
-    def busy(self) -> bool:
+    def busy(self, polling: int = 0) -> bool:
+        """`polling`: this process's other threads polling for a reply now, which the
+        count includes: they give way to any other thread, so they are not load."""
         now = time.monotonic()
         if now - self._checked >= self.PERIOD:
             self._checked = now
             try:
-                with open("/proc/loadavg", "rb") as loadavg:
+                with open(self.LOADAVG, "rb") as loadavg:
                     runnable = int(loadavg.read().split()[3].split(b"/")[0])
             except (OSError, ValueError, IndexError):
                 runnable = 0  # unknown: as before, poll
-            self._busy = runnable > self._cpus  # this thread is one of them
+            self._busy = runnable - polling > self._cpus  # this thread is one of them
         return self._busy
 
 
 class GridPool:
-    def __init__(self, settings: GridSettings) -> None:
+    def __init__(self, settings: GridSettings, await_readable: AwaitReadable | None = None
+                 ) -> None:
         if not settings.endpoints:
             raise ElementFailure("no grid endpoint configured")
         self.settings = settings
@@ -200,24 +194,33 @@ class GridPool:
         self._context: Any = None
         self._ids = itertools.count(1)
         self._preferred = 0  # index of the endpoint that answered last
-        self._in_flight = 0  # requests of this process waiting for their reply
+        self._polling = 0  # this process's threads in an exchange that polls for its reply
         self._contention = _Contention()
+        # Without it (a Python program using the pool directly) replies are waited for
+        # asleep: polling in Python would hold the GIL that the other threads need.
+        self._await_readable = await_readable
+        self._reply_seconds: dict[tuple[Any, ...], float] = {}  # smoothed, per kind
 
-    def _alone(self) -> bool:
-        return self._in_flight <= 1
+    def _spin_us(self, kind: tuple[Any, ...]) -> int:
+        """How long the next request may poll for its reply: not at all for a kind whose
+        replies come later than the poll would last (RSA under load: the poll would only
+        take CPU from the grid), nor while the machine's CPUs are all busy."""
+        spin = self.settings.spin
+        if self._await_readable is None or spin <= 0 \
+                or self._reply_seconds.get(kind, 0.0) > spin \
+                or self._contention.busy(polling=self._polling):
+            return 0
+        return int(spin * 1_000_000)
 
-    def _spin_for(self) -> float:
-        """How long the next lone request may poll for its reply: not at all while the
-        machine's CPUs are all busy."""
-        if self.settings.spin <= 0 or self._contention.busy():
-            return 0.0
-        return self.settings.spin
+    def _replied(self, kind: tuple[Any, ...], seconds: float) -> None:
+        before = self._reply_seconds.get(kind)
+        self._reply_seconds[kind] = seconds if before is None else 0.8 * before + 0.2 * seconds
 
     def _forked(self) -> None:
         # A child must not touch its parent's TLS connections: drop, never close or use.
         if self._pid != os.getpid():
             self._pid, self._idle, self._context = os.getpid(), [], None
-            self._in_flight = 0
+            self._polling = 0
             self._lock = threading.Lock()
 
     def _tls_context(self) -> Any:
@@ -336,10 +339,14 @@ class GridPool:
             request_id = next(self._ids)
             remaining_ms = max(int((deadline - time.monotonic()) * 1000), 1)
             message = encode([request_id, operation, remaining_ms, arguments])
-            with self._lock:
-                self._in_flight += 1
+            kind = (operation, arguments.get("seid"), arguments.get("mechanism"))
+            spin_us = self._spin_us(kind)
+            if spin_us:
+                with self._lock:
+                    self._polling += 1
+            sent = time.monotonic()
             try:
-                reply = connection.exchange(message, deadline, self._spin_for(), self._alone)
+                reply = connection.exchange(message, deadline, spin_us, self._await_readable)
             except (DeadlineExceeded, TimeoutError) as exc:
                 connection.close()  # a late reply must never be read as another's
                 raise DeadlineExceeded(f"{operation}: no reply from the grid at "
@@ -378,12 +385,14 @@ class GridPool:
                 raise ElementFailure(f"{operation}: connection to the grid lost ({exc}); "
                                      "not retried, the element may have acted") from exc
             finally:
-                with self._lock:
-                    self._in_flight -= 1
+                if spin_us:
+                    with self._lock:
+                        self._polling -= 1
             if len(reply) != 3 or reply[0] != request_id or not isinstance(reply[2], dict):
                 connection.close()
                 raise ProtocolViolation(f"{operation}: a reply that is not ours")
             connection.answered = True
+            self._replied(kind, time.monotonic() - sent)
             self._give(connection)
             if reply[1] is True:
                 return reply[2]
