@@ -92,13 +92,15 @@ def _pool(sandbox: dict[str, str], spin: float,
 
 def test_pool_polls_for_quick_replies_only(sandbox: dict[str, str]) -> None:
     calls: list[tuple[int, int]] = []
-    pool = _pool(sandbox, 0.001, calls)
+    pool = _pool(sandbox, 0.005, calls)
     try:
-        for _ in range(3):
+        for _ in range(10):
             assert pool.call("hello", {}, idempotent=True)["identity"]
-        # A reply of the real grid takes well under 1 ms here: every request polls, for
-        # the configured time, on the connection's own socket.
-        assert [us for _, us in calls] == [1000, 1000, 1000]
+        # A reply of the real grid takes well under 5 ms: the requests poll, for the
+        # configured time, on the connection's own socket (a reply slower than 5 ms on a
+        # loaded test machine may stop one or two of them).
+        polled = [us for _, us in calls]
+        assert set(polled) == {5000} and len(polled) >= 8, polled
         assert all(fd >= 0 for fd, _ in calls)
     finally:
         pool.close()
@@ -106,9 +108,11 @@ def test_pool_polls_for_quick_replies_only(sandbox: dict[str, str]) -> None:
     calls.clear()
     pool = _pool(sandbox, 0.000001, calls)  # a 1 us poll: every reply takes longer
     try:
-        for _ in range(3):
+        for _ in range(5):
             assert pool.call("hello", {}, idempotent=True)["identity"]
-        assert len(calls) == 1  # the first, before the pool knew how long replies take
+        # The first reply of a new connection is not counted (it waits for the
+        # connection's set-up); after the second, the pool knows replies come later.
+        assert len(calls) == 2
     finally:
         pool.close()
 

@@ -391,8 +391,9 @@ class GridPool:
             if len(reply) != 3 or reply[0] != request_id or not isinstance(reply[2], dict):
                 connection.close()
                 raise ProtocolViolation(f"{operation}: a reply that is not ours")
+            if connection.answered:  # a new connection's first reply waits for its set-up
+                self._replied(kind, time.monotonic() - sent)
             connection.answered = True
-            self._replied(kind, time.monotonic() - sent)
             self._give(connection)
             if reply[1] is True:
                 return reply[2]
