@@ -664,18 +664,9 @@ class NginxVariant:
     workers: int
 
     def worker_pids(self) -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == self.process.pid and fields[0] != "Z":
-                found.append(int(entry.name))
-        return sorted(found)
+        from p11grid.nginx import live_children
+
+        return live_children(self.process.pid)
 
 
 def _listening(port: int) -> bool:

@@ -52,18 +52,23 @@ class NginxServer:
 
     def worker_pids(self) -> list[int]:
         """The live worker processes (children of the master)."""
-        workers = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[1]) == self.pid and fields[0] != "Z":
-                workers.append(int(entry.name))
-        return sorted(workers)
+        return live_children(self.pid)
+
+
+def live_children(parent: int) -> list[int]:
+    """The pids of `parent`'s children that are not zombies, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(entry.name))
+    return sorted(children)
 
 
 def free_port() -> int:
