@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,33 +101,42 @@ def check_openssl_signing(
         "P11GRID_CONF": variables["P11GRID_CONF"],
         "SOFTHSM2_CONF": variables["SOFTHSM2_CONF"],
     }
+    _sign_each_key(
+        box, variables, environment, digest, tally,
+        lambda uri: ["openssl", "pkeyutl", "-engine", "pkcs11", "-keyform", "engine",
+                     "-inkey", uri, "-sign", "-in", str(digest_file)],
+        what="openssl pkeyutl -sign", timeout_hint="", through="from the token")
+
+
+def _sign_each_key(
+    box: sandbox.Sandbox, variables: dict[str, str], environment: dict[str, str],
+    digest: bytes, tally: Tally, command_for: Callable[[str], list[str]], what: str,
+    timeout_hint: str, through: str,
+) -> None:
+    """`openssl pkeyutl` signs `digest` with vm-rsa and vm-ec by their URIs; each signature
+    must verify with the key's certificate."""
     for label, uri in (("vm-rsa", variables["P11GRID_RSA_URI"]),
                        ("vm-ec", variables["P11GRID_EC_URI"])):  # fmt: skip
-        command = [
-            "openssl", "pkeyutl", "-engine", "pkcs11", "-keyform", "engine",
-            "-inkey", uri, "-sign", "-in", str(digest_file),
-        ]  # fmt: skip
+        command = command_for(uri)
         if label == "vm-rsa":
             command += ["-pkeyopt", "digest:sha256"]  # PKCS#1 v1.5 with a DigestInfo
-        what = f"openssl pkeyutl -sign with {uri}"
+        attempt = f"{what} with {uri}"
         try:
-            result = subprocess.run(
-                command, env=environment, capture_output=True, timeout=OPENSSL_TIMEOUT_SECONDS
-            )
+            result = subprocess.run(command, env=environment, capture_output=True,
+                                    timeout=OPENSSL_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            tally.check(False, what, f"no answer within {OPENSSL_TIMEOUT_SECONDS} s")
+            tally.check(False, attempt,
+                        f"no answer within {OPENSSL_TIMEOUT_SECONDS} s{timeout_hint}")
             continue
         if result.returncode != 0 or not result.stdout:
             reason = result.stderr.decode(errors="replace").strip().splitlines()
-            tally.check(False, what, " | ".join(reason[-4:]) or f"exit {result.returncode}")
+            tally.check(False, attempt, " | ".join(reason[-4:]) or f"exit {result.returncode}")
             continue
         problem = _verify_signature(box.certificate(label), digest, result.stdout)
-        tally.check(
-            not problem,
-            f"{label}: {len(result.stdout)}-byte signature from the token verifies "
-            f"with {box.certificate(label).name}",
-            problem,
-        )
+        tally.check(not problem,
+                    f"{label}: {len(result.stdout)}-byte signature {through} verifies with "
+                    f"{box.certificate(label).name}",
+                    problem)
 
 
 def check_provider_signing(
@@ -160,28 +169,12 @@ def check_provider_signing(
     environment = {**os.environ, "OPENSSL_CONF": str(conf),
                    "P11GRID_CONF": variables["P11GRID_CONF"],
                    "SOFTHSM2_CONF": variables["SOFTHSM2_CONF"]}
-    for label, uri in (("vm-rsa", variables["P11GRID_RSA_URI"]),
-                       ("vm-ec", variables["P11GRID_EC_URI"])):  # fmt: skip
-        command = ["openssl", "pkeyutl", "-sign", "-inkey", uri, "-in", str(digest_file)]
-        if label == "vm-rsa":
-            command += ["-pkeyopt", "digest:sha256"]  # PKCS#1 v1.5 with a DigestInfo
-        what = f"pkcs11-provider: openssl pkeyutl -sign with {uri}"
-        try:
-            result = subprocess.run(command, env=environment, capture_output=True,
-                                    timeout=OPENSSL_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            tally.check(False, what, f"no answer within {OPENSSL_TIMEOUT_SECONDS} s "
-                                     "(docs/openssl-provider.md)")
-            continue
-        if result.returncode != 0 or not result.stdout:
-            reason = result.stderr.decode(errors="replace").strip().splitlines()
-            tally.check(False, what, " | ".join(reason[-4:]) or f"exit {result.returncode}")
-            continue
-        problem = _verify_signature(box.certificate(label), digest, result.stdout)
-        tally.check(not problem,
-                    f"{label}: {len(result.stdout)}-byte signature through pkcs11-provider "
-                    f"({provider.name}, {conf.name}) verifies with {box.certificate(label).name}",
-                    problem)
+    _sign_each_key(
+        box, variables, environment, digest, tally,
+        lambda uri: ["openssl", "pkeyutl", "-sign", "-inkey", uri, "-in", str(digest_file)],
+        what="pkcs11-provider: openssl pkeyutl -sign",
+        timeout_hint=" (docs/openssl-provider.md)",
+        through=f"through pkcs11-provider ({provider.name}, {conf.name})")
 
 
 def fetch(

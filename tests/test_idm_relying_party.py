@@ -64,15 +64,23 @@ class Setup:
                                     lambda s: s.uri in self.bound, now=NOW, **extra)
 
 
-@pytest.fixture()
-def setup(tmp_path: Path) -> Setup:
-    ca = Authority.init(tmp_path / "ca", DOMAIN)
+def make_world(directory: Path) -> tuple[World, ec.EllipticCurvePrivateKey, Path]:
+    """A CA in `directory` with a hypervisor, two VMs and an app, and an IdP signing key
+    with its JWKS file."""
+    ca = Authority.init(directory / "ca", DOMAIN)
     world = World(ca, _entity(ca, "hv", "hv-1"), _entity(ca, "vm", "vm-1"),
                   _entity(ca, "vm", "vm-2"), _entity(ca, "app", "web"))
     idp_key = ec.generate_private_key(ec.SECP256R1())
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(idp_key.public_key()))
-    jwks = tmp_path / "jwks.json"
+    jwks = directory / "jwks.json"
     jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "use": "sig"}]}))
+    return world, idp_key, jwks
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> Setup:
+    world, idp_key, jwks = make_world(tmp_path)
+    ca = world.ca
     party = RelyingParty(lambda: TrustAnchor.load(ca.directory / "ca.pem",
                                                   ca.directory / "crl.pem"),
                          Identity.parse(SP), ISSUER, jwks)

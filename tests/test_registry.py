@@ -6,7 +6,6 @@ wrong password, unreachable, stalled, and dropped database connections."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import socket
@@ -17,11 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import jwt
 import psycopg.conninfo
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from grid_backend.protocol import IdentityRefused
 from grid_backend.registry import (
@@ -39,14 +36,13 @@ from grid_backend.registry.postgres import parse_location
 from grid_backend.secure_element import ElementFailure
 from grid_backend.service.config import GridConfigError, load
 from grid_backend.service.server import AuditTrail, Caller, GridService
-from idm.authority import Authority
 from idm.chain import TrustAnchor
 from idm.identity import Identity, identity_of
 from idm.relying_party import AuthorizationRefused, RelyingParty
 from p11grid.cli import main
 from tests.conftest import PostgresServer
-from tests.test_idm_relying_party import ISSUER, Setup
-from tests.test_idm_tokens import DOMAIN, SP, World, _entity
+from tests.test_idm_relying_party import ISSUER, Setup, make_world
+from tests.test_idm_tokens import DOMAIN, SP
 
 VM1 = f"spiffe://{DOMAIN}/vm/vm-1"
 
@@ -346,13 +342,7 @@ class Identities:
 @pytest.fixture(scope="module")
 def identities(tmp_path_factory: pytest.TempPathFactory) -> Identities:
     root = tmp_path_factory.mktemp("registry-ca")
-    ca = Authority.init(root / "ca", DOMAIN)
-    world = World(ca, _entity(ca, "hv", "hv-1"), _entity(ca, "vm", "vm-1"),
-                  _entity(ca, "vm", "vm-2"), _entity(ca, "app", "web"))
-    idp_key = ec.generate_private_key(ec.SECP256R1())
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(idp_key.public_key()))
-    jwks = root / "jwks.json"
-    jwks.write_text(json.dumps({"keys": [{**jwk, "kid": "idp-1", "use": "sig"}]}))
+    world, idp_key, jwks = make_world(root)
     return Identities(Setup(world, idp_key, jwks, None, set()),  # type: ignore[arg-type]
                       root / "ca")
 
